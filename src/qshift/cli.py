@@ -1,0 +1,247 @@
+"""The ``qshift`` command line (typer + rich)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from qshift.errors import QShiftError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
+                  help="Image–text retrieval over frozen encoders that stays accurate under query shift.")
+out = Console()
+err = Console(stderr=True)
+
+EncoderOpt = typer.Option(..., "--encoder", "-e", help="Encoder spec, e.g. `st:all-MiniLM-L6-v2`, "
+                          "`openclip:ViT-B-32@/path/ckpt.pt`, `hf:/path/dir`, `onnx:/path/dir`.")
+StoreOpt = typer.Option(None, "--store", help="Embedding cache directory (default: $QSHIFT_CACHE/store).")
+FormatOpt = typer.Option("auto", "--format", help="Collection format: auto, csv, jsonl, lines, karpathy, coco.")
+LimitOpt = typer.Option(None, "--limit", help="Use only the first N items.")
+JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
+
+
+def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except QShiftError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+        except FileNotFoundError as exc:
+            err.print(f"[bold red]error:[/] {exc.filename}: file not found", highlight=False)
+            raise typer.Exit(2) from None
+    return wrapper
+
+
+def _store(store: Optional[Path]) -> Any:
+    from qshift.paths import cache_dir
+    from qshift.store import EmbeddingStore
+
+    return EmbeddingStore(store or cache_dir() / "store")
+
+
+def _collection(path: Path, fmt: str, limit: Optional[int], captions_per_item: int = 5,
+                image_root: Optional[Path] = None, split: str = "test") -> Any:
+    from qshift.data.collection import load_collection
+
+    coll = load_collection(path, fmt, captions_per_item=captions_per_item, image_root=image_root, split=split)
+    return coll.subset(limit) if limit else coll
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def metrics_table(rows: dict[str, dict[str, float]], title: str) -> Table:
+    cols = [c for c in next(iter(rows.values())) if c not in ("queries", "gallery")]
+    table = Table(title=title)
+    table.add_column("task")
+    for c in cols:
+        table.add_column(c, justify="right")
+    table.add_column("queries × gallery", justify="right")
+    for name, m in rows.items():
+        table.add_row(name, *[f"{m[c]:.2f}" for c in cols], f"{int(m['queries'])} × {int(m['gallery'])}")
+    return table
+
+
+@app.command()
+@_handle_errors
+def encode(collection: Path = typer.Argument(..., help="Collection file or folder."),
+           encoder: str = EncoderOpt,
+           modality: str = typer.Option("text", help="text, image or both."),
+           store: Optional[Path] = StoreOpt, fmt: str = FormatOpt, limit: Optional[int] = LimitOpt,
+           captions_per_item: int = typer.Option(5, help="For line-per-caption files."),
+           image_root: Optional[Path] = typer.Option(None, help="Folder the image names are relative to."),
+           split: str = typer.Option("test", help="Split of a Karpathy JSON."),
+           shard_size: int = typer.Option(2048, help="Rows per cache shard."),
+           batch_size: Optional[int] = typer.Option(None, help="Encoder batch size."),
+           on_error: str = typer.Option("raise", help="Unreadable images: raise (stop, naming the file) or skip."),
+           as_json: bool = JsonOpt) -> None:
+    """Encode a collection into the embedding cache (resumes; re-encodes only what changed).
+
+    Example: `qshift encode ../shared/data/coco-5k-test/captions.txt -e st:all-MiniLM-L6-v2`
+    """
+    from qshift.encoders import create_encoder
+
+    coll = _collection(collection, fmt, limit, captions_per_item, image_root, split)
+    enc = create_encoder(encoder)
+    modalities = ["text", "image"] if modality == "both" else [modality]
+    st = _store(store)
+    report = []
+    for m in modalities:
+        t0 = time.perf_counter()
+        emb = st.encode(enc, coll, m, shard_size=shard_size, on_error=on_error, progress=not as_json,
+                        batch_size=batch_size)
+        report.append({"modality": m, "entry": str(emb.path), "n": len(emb.ids), "dim": emb.dim,
+                       "skipped": int((~emb.valid).sum()), "seconds": round(time.perf_counter() - t0, 3)})
+    if as_json:
+        _print_json(report)
+        return
+    for r in report:
+        out.print(f"{r['modality']}: {r['n']} × {r['dim']} in {r['seconds']:.2f}s "
+                  f"({r['skipped']} skipped) → {r['entry']}")
+
+
+@app.command()
+@_handle_errors
+def index(entry: Path = typer.Argument(..., help="A store entry directory (printed by `qshift encode`)."),
+          out_dir: Path = typer.Option(..., "--out", "-o", help="Where to write the index."),
+          factory: str = typer.Option("Exact", help="Exact, Exact,fp16, Flat, IVF1024,Flat, HNSW32, IVF256,PQ32, ..."),
+          nprobe: Optional[int] = typer.Option(None, help="IVF lists visited per query."),
+          ef_search: Optional[int] = typer.Option(None, help="HNSW efSearch."),
+          as_json: bool = JsonOpt) -> None:
+    """Build an index over stored embeddings.
+
+    Example: `qshift index ~/.cache/qshift/store/coco.image.ab12… -o runs/coco-index --factory HNSW32`
+    """
+    from qshift.index import build_index
+    from qshift.store import EmbeddingStore
+
+    emb = EmbeddingStore.load(entry)
+    params = {k: v for k, v in (("nprobe", nprobe), ("efSearch", ef_search)) if v is not None}
+    t0 = time.perf_counter()
+    idx = build_index(emb.dim, factory, **params)
+    idx.add(emb.vectors[emb.valid], [i for i, v in zip(emb.ids, emb.valid) if v])
+    idx.meta = {"fingerprint": emb.fingerprint, "modality": emb.modality, "entry": str(entry)}
+    idx.save(out_dir)
+    info = {"index": str(out_dir), "factory": factory, "n": len(idx), "dim": emb.dim,
+            "seconds": round(time.perf_counter() - t0, 3)}
+    _print_json(info) if as_json else out.print(f"{factory} index of {len(idx)} × {emb.dim} → {out_dir}")
+
+
+@app.command()
+@_handle_errors
+def search(index_dir: Path = typer.Argument(..., help="Index directory (from `qshift index`)."),
+           encoder: str = EncoderOpt,
+           text: Optional[list[str]] = typer.Option(None, "--text", "-t", help="Text query (repeatable)."),
+           image: Optional[list[Path]] = typer.Option(None, "--image", "-i", help="Image query (repeatable)."),
+           k: int = typer.Option(10, "-k", help="Results per query."),
+           as_json: bool = JsonOpt) -> None:
+    """Top-k search with text or image queries.
+
+    Example: `qshift search runs/coco-index -e st:all-MiniLM-L6-v2 -t "a dog on a skateboard" -k 5`
+    """
+    from qshift.encoders import create_encoder
+    from qshift.errors import InputError
+    from qshift.index import load_index
+
+    if not text and not image:
+        raise InputError("give at least one query: --text '...' or --image PATH")
+    idx = load_index(index_dir)
+    enc = create_encoder(encoder)
+    idx.check_fingerprint(enc.fingerprint())
+    queries: list[tuple[str, Any]] = []
+    if text:
+        queries += list(zip(text, enc.encode_text(text)))
+    if image:
+        queries += list(zip(map(str, image), enc.encode_images(image)))
+    import numpy as np
+
+    scores, labels = idx.search(np.stack([q for _, q in queries]), min(k, len(idx)))
+    results = [{"query": name, "results": [{"rank": r + 1, "id": idx.ids[j], "score": float(s)}
+                                           for r, (s, j) in enumerate(zip(srow, lrow))]}
+               for (name, _), srow, lrow in zip(queries, scores, labels)]
+    if as_json:
+        _print_json(results)
+        return
+    for res in results:
+        table = Table(title=f"query: {res['query']}")
+        table.add_column("rank", justify="right")
+        table.add_column("id")
+        table.add_column("score", justify="right")
+        for r in res["results"]:
+            table.add_row(str(r["rank"]), r["id"], f"{r['score']:.4f}")
+        out.print(table)
+
+
+@app.command("eval")
+@_handle_errors
+def eval_(collection: Path = typer.Argument(..., help="Collection file or folder."),
+          encoder: str = EncoderOpt,
+          direction: str = typer.Option("t2i,i2t", help="Comma-separated: t2i, i2t, t2t."),
+          store: Optional[Path] = StoreOpt, fmt: str = FormatOpt, limit: Optional[int] = LimitOpt,
+          captions_per_item: int = typer.Option(5, help="For line-per-caption files."),
+          image_root: Optional[Path] = typer.Option(None, help="Folder the image names are relative to."),
+          split: str = typer.Option("test", help="Split of a Karpathy JSON."),
+          factory: str = typer.Option("Exact", help="Index factory used for ranking."),
+          k_map: int = typer.Option(10, help="Cut-off k of mAP@k and nDCG@k."),
+          on_error: str = typer.Option("raise", help="Unreadable images: raise or skip."),
+          as_json: bool = JsonOpt) -> None:
+    """Recall table (R@1/5/10, MRR, mAP@k, nDCG@k, MedR) for a collection and an encoder.
+
+    Example: `qshift eval ../shared/data/flickr8k-1k -e openclip:ViT-B-32@ckpt.pt --direction t2i,i2t`
+    """
+    from qshift.encoders import create_encoder
+    from qshift.retrieval import build_task, evaluate
+
+    coll = _collection(collection, fmt, limit, captions_per_item, image_root, split)
+    enc = create_encoder(encoder)
+    st = _store(store)
+    rows = {}
+    for d in [d.strip() for d in direction.split(",") if d.strip()]:
+        task = build_task(coll, enc, d, st, progress=not as_json, on_error=on_error)
+        rows[d] = evaluate(task, k_map=k_map, factory=factory)
+    if as_json:
+        _print_json({"collection": coll.name, "encoder": enc.fingerprint(), "metrics": rows})
+    else:
+        out.print(metrics_table(rows, f"{coll.name} · {enc.spec}"))
+
+
+@app.command()
+@_handle_errors
+def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Where the report goes."),
+         store: Optional[Path] = StoreOpt,
+         limit: Optional[int] = LimitOpt) -> None:
+    """The main job end to end on the embedded default: encode, index, retrieve, report."""
+    from qshift.demo import run_demo
+
+    run_demo(out_dir, _store(store), limit=limit, console=out)
+
+
+@app.command()
+def models() -> None:
+    """List encoder backends and the open_clip architectures known here."""
+    from qshift.encoders import BACKENDS
+    from qshift.encoders.openclip import list_architectures
+
+    out.print("backends: " + ", ".join(f"{b}:" for b in BACKENDS))
+    out.print("open_clip architectures: " + ", ".join(list_architectures()))
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore", message=".*QuickGELU.*")
+    app()
+
+
+if __name__ == "__main__":
+    main()

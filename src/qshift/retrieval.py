@@ -1,0 +1,117 @@
+"""Retrieval tasks (query set + gallery + ground truth) and their evaluation.
+
+Directions:
+
+- ``t2i``: every caption queries the images; its positive is its own image.
+- ``i2t``: every image queries all captions; its positives are its captions.
+- ``t2t``: caption ``query_caption`` of each item queries a text gallery in which each
+  item is the normalised mean of its other captions (a text-only stand-in for T2I,
+  used with real COCO captions when no images are at hand).
+
+Items whose image could not be read (skipped by the store) leave the task: as gallery
+items in ``t2i``, as queries in ``i2t``; the count is recorded in ``task.meta``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from qshift.data.collection import Collection
+from qshift.encoders.base import IMAGE, TEXT, Encoder
+from qshift.errors import InputError
+from qshift.index import DEFAULT_FACTORY, build_index
+from qshift.metrics import Qrels, first_positive_rank, retrieval_metrics
+from qshift.store import EmbeddingStore, Embeddings
+
+DIRECTIONS = ("t2i", "i2t", "t2t")
+
+
+@dataclass
+class RetrievalTask:
+    direction: str
+    queries: np.ndarray
+    gallery: np.ndarray
+    qrels: Qrels
+    query_ids: list[str]
+    gallery_ids: list[str]
+    query_texts: list[str] | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def text_to_text_task(collection: Collection, text: Embeddings, query_caption: int = 0) -> RetrievalTask:
+    counts = np.array([len(c) for c in collection.captions])
+    if (counts < 2).any():
+        raise InputError(f"{collection.name}: t2t needs >= 2 captions per item; "
+                         f"item {collection.ids[int(np.argmax(counts < 2))]!r} has fewer")
+    if not 0 <= query_caption < counts.min():
+        raise InputError(f"query_caption {query_caption} out of range for {counts.min()} captions per item")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    q_rows = starts + query_caption
+    sums = np.add.reduceat(text.vectors, starts, axis=0) - text.vectors[q_rows]
+    gallery = _normalize(sums / (counts - 1)[:, None])
+    texts = collection.texts()
+    return RetrievalTask("t2t", text.vectors[q_rows], gallery, Qrels.from_labels(np.arange(len(collection))),
+                         [text.ids[i] for i in q_rows], list(collection.ids), [texts[i] for i in q_rows])
+
+
+def cross_modal_task(collection: Collection, text: Embeddings, image: Embeddings, direction: str) -> RetrievalTask:
+    valid = image.valid
+    kept_items = np.flatnonzero(valid)
+    item_of_caption = collection.caption_item()
+    if direction == "t2i":
+        new_pos = -np.ones(len(collection), dtype=np.int64)
+        new_pos[kept_items] = np.arange(len(kept_items))
+        keep_q = valid[item_of_caption]
+        texts = [t for t, k in zip(collection.texts(), keep_q) if k]
+        return RetrievalTask("t2i", text.vectors[keep_q], image.vectors[kept_items],
+                             Qrels.from_labels(new_pos[item_of_caption[keep_q]]),
+                             [i for i, k in zip(text.ids, keep_q) if k], [image.ids[i] for i in kept_items],
+                             texts, {"dropped_queries": int((~keep_q).sum())})
+    caps = collection.item_captions()
+    return RetrievalTask("i2t", image.vectors[kept_items], text.vectors,
+                         Qrels.from_lists([caps[i] for i in kept_items]),
+                         [image.ids[i] for i in kept_items], list(text.ids), None,
+                         {"dropped_queries": int((~valid).sum())})
+
+
+def build_task(collection: Collection, encoder: Encoder, direction: str, store: EmbeddingStore, *,
+               progress: bool = True, on_error: str = "raise", query_caption: int = 0) -> RetrievalTask:
+    """Encode what ``direction`` needs (through the cache) and assemble the task."""
+    if direction not in DIRECTIONS:
+        raise InputError(f"unknown direction {direction!r}; use one of {', '.join(DIRECTIONS)}")
+    text = store.encode(encoder, collection, TEXT, progress=progress)
+    if direction == "t2t":
+        return text_to_text_task(collection, text, query_caption)
+    image = store.encode(encoder, collection, IMAGE, progress=progress, on_error=on_error)
+    return cross_modal_task(collection, text, image, direction)
+
+
+def full_ranks(queries: np.ndarray, gallery: np.ndarray, qrels: Qrels, block: int = 1024) -> np.ndarray:
+    """Exact 0-based rank of each query's best positive (blocked over queries)."""
+    out = np.empty(len(queries), dtype=np.int64)
+    for s in range(0, len(queries), block):
+        out[s:s + block] = first_positive_rank(queries[s:s + block] @ gallery.T, qrels[s:s + block])
+    return out
+
+
+def evaluate(task: RetrievalTask, ks: Sequence[int] = (1, 5, 10), k_map: int = 10,
+             factory: str = DEFAULT_FACTORY, queries: np.ndarray | None = None) -> dict[str, float]:
+    """Metrics of ``task`` (optionally with replaced query embeddings, e.g. adapted ones)."""
+    q = task.queries if queries is None else queries
+    index = build_index(task.gallery.shape[1], factory)
+    index.add(task.gallery)
+    k = min(max(max(ks), k_map), len(index))
+    _, labels = index.search(q, k)
+    ranks = full_ranks(q, task.gallery, task.qrels) if factory.lower().startswith(("exact", "flat")) else None
+    out = retrieval_metrics(labels, task.qrels, [x for x in ks if x <= k] if ranks is None else ks,
+                            k_map=min(k_map, k), full_ranks=ranks)
+    out["queries"] = float(len(q))
+    out["gallery"] = float(len(task.gallery))
+    return out
