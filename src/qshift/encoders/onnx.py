@@ -8,6 +8,7 @@ directory from an open_clip or transformers encoder.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,8 @@ def export_onnx(encoder: TorchEncoder, outdir: str | Path, opset: int = 17) -> P
     axes_t = {n: {0: "batch", 1: "seq"} for n in names} | {"embedding": {0: "batch"}}
     # Trace with autograd on: under no_grad nn.MultiheadAttention takes a fused fast
     # path (aten::_native_multi_head_attention) that has no ONNX symbolic.
-    with torch.enable_grad():
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer chatter about constant shapes / legacy exporter
         torch.onnx.export(_Text(), tuple(text_inputs[n] for n in names), str(outdir / "text.onnx"),
                           input_names=names, output_names=["embedding"], dynamic_axes=axes_t,
                           opset_version=opset, dynamo=False)

@@ -1,0 +1,30 @@
+# Two commands on a fresh machine:  make demo   |   make test
+PY      ?= python3
+VENV    ?= .venv
+BIN      = $(VENV)/bin
+PIP      = $(BIN)/python -m pip
+STAMP    = $(VENV)/.qshift-installed
+
+.PHONY: demo test venv bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# the torch pair first, in its own call; constraints.txt pins it in every later install
+	$(PIP) install -q -c constraints.txt torch torchvision
+	$(PIP) install -q -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/qshift demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis
