@@ -129,18 +129,20 @@ class EmbeddingStore:
         if old is not None and old["fingerprint"] != encoder.fingerprint():
             raise StoreMismatchError(f"{entry}: written by {old['fingerprint']}, not {encoder.fingerprint()}")
         done = {s["content"]: s for s in (old or {}).get("shards", []) if (entry / s["file"]).is_file()}
+        contents = [self._content(encoder, ids, stamps, s, shard_size) for s in range(0, len(ids), shard_size)]
+        if old is not None and old.get("complete") and [s["content"] for s in old["shards"]] == contents \
+                and len(done) == len(contents):
+            return self.load(entry)  # full cache hit: the model is never needed
         manifest = {"format": FORMAT, "encoder": encoder.spec, "fingerprint": encoder.fingerprint(),
                     "dim": encoder.dim, "modality": modality, "collection": collection.name,
                     "source": collection.source, "n": len(ids), "shard_size": shard_size,
                     "shards": [], "complete": False}
         write_json(entry / "ids.json", ids)
-        starts = range(0, len(ids), shard_size)
-        todo = sum(1 for s in starts if self._content(encoder, ids, stamps, s, shard_size) not in done)
+        todo = sum(1 for c in contents if c not in done)
         n_skipped = 0
         with progress_bar(f"encode {modality} ({collection.name})", len(ids),
                           progress and todo > 0) as bar:
-            for start in starts:
-                content = self._content(encoder, ids, stamps, start, shard_size)
+            for start, content in zip(range(0, len(ids), shard_size), contents):
                 stop = min(start + shard_size, len(ids))
                 if content in done:
                     record = done[content]

@@ -43,20 +43,35 @@ class SentenceTransformerEncoder(TorchEncoder):
     modalities = frozenset({TEXT})
 
     def __init__(self, name: str, device: str = "cpu", batch_size: int = 128) -> None:
-        from sentence_transformers import SentenceTransformer
-
         self.path = resolve_st_path(name)
-        try:
-            self.model = SentenceTransformer(str(self.path), device=device, local_files_only=True)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise EncoderSpecError(f"st:{name}: cannot load {self.path} ({exc})") from exc
-        self.model.eval()
+        if not (self.path / "modules.json").is_file() and not (self.path / "config.json").is_file():
+            raise EncoderSpecError(f"st:{name}: {self.path} is not a sentence-transformers model directory")
         self.spec = f"st:{name}"
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.dim = int(self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension")
-                       else self.model.get_sentence_embedding_dimension())
-        self.text_tower = self.model
+        self._model = None  # loaded on first use: a full cache hit never needs it
+
+    @property
+    def model(self):  # noqa: ANN201 - SentenceTransformer, imported lazily
+        if self._model is None:
+            from sentence_transformers import SentenceTransformer
+
+            try:
+                self._model = SentenceTransformer(str(self.path), device=str(self.device), local_files_only=True)
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise EncoderSpecError(f"{self.spec}: cannot load {self.path} ({exc})") from exc
+            self._model.eval()
+        return self._model
+
+    @property
+    def dim(self) -> int:  # type: ignore[override]
+        m = self.model
+        return int(m.get_embedding_dimension() if hasattr(m, "get_embedding_dimension")
+                   else m.get_sentence_embedding_dimension())
+
+    @property
+    def text_tower(self) -> torch.nn.Module:  # type: ignore[override]
+        return self.model
 
     def weights_hash(self) -> str:
         if self._weights_hash is None:
