@@ -109,6 +109,9 @@ def main() -> None:
     print(f"SGEMM peak: {peak:.1f} GFLOP/s", flush=True)
     rows = run(sizes, 512, [1, 8, 64, 256], [10, 100], peak)
     name = "exact_search" + ("_quick" if args.quick else "")
+    from qshift.io import write_json
+
+    write_json(RESULTS / f"{name}.rows.json", rows)  # kept even if plotting fails
     plot(rows, RESULTS / f"{name}.png")
     cols = ["N", "batch", "k", "method", "ms_per_query", "GFLOP/s", "pct_of_peak", "speedup_vs_faiss",
             "same_topk_set", "identical_order", "peak_extra_MB"]

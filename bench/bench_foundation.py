@@ -31,9 +31,8 @@ from qshift.store import EmbeddingStore  # noqa: E402
 QSHIFT = str(Path(sys.executable).parent / "qshift")
 
 
-def bench_cache(captions: Path, limit: int | None) -> dict:
+def bench_cache(captions: Path, limit: int | None, store: Path) -> dict:
     """Two `qshift encode` runs of the same collection into a fresh store."""
-    store = Path(tempfile.mkdtemp(prefix="qs-bench-store-"))
     cmd = [QSHIFT, "encode", str(captions), "-e", "st:all-MiniLM-L6-v2", "--json"]
     if limit:
         cmd += ["--limit", str(limit)]
@@ -45,7 +44,6 @@ def bench_cache(captions: Path, limit: int | None) -> dict:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         runs.append({"wall_s": time.perf_counter() - t0, "encode_s": json.loads(out)[0]["seconds"],
                      "n": json.loads(out)[0]["n"]})
-    shutil.rmtree(store)
     return {"command": shown, "first": runs[0], "second": runs[1],
             "speedup_wall": runs[0]["wall_s"] / runs[1]["wall_s"],
             "speedup_encode_step": runs[0]["encode_s"] / max(runs[1]["encode_s"], 1e-9)}
@@ -99,15 +97,13 @@ def bench_encode_throughput(texts: list[str], batch_size: int = 128) -> dict:
             "qshift_per_s": len(texts) / t_qs, "ratio": t_plain / t_qs, "max_abs_diff": same}
 
 
-def bench_t2t(captions: Path, limit: int | None) -> dict:
+def bench_t2t(captions: Path, limit: int | None, store: Path) -> dict:
     coll = load_lines(captions, 5, name=captions.parent.name)
     if limit:
         coll = coll.subset(limit)
     enc = create_encoder("st:all-MiniLM-L6-v2")
-    store = EmbeddingStore(Path(tempfile.mkdtemp(prefix="qs-bench-t2t-")))
-    task = build_task(coll, enc, "t2t", store, progress=False)
+    task = build_task(coll, enc, "t2t", EmbeddingStore(store), progress=False)  # cached by bench_cache
     m = evaluate(task)
-    shutil.rmtree(store.root)
     return {"collection": coll.name, "items": len(coll), **m}
 
 
@@ -119,14 +115,16 @@ def main() -> None:
     limit = 300 if args.quick else None
     texts = load_lines(captions, 5).texts()[: 500 if args.quick else 5000]
 
-    cache = bench_cache(captions, limit)
+    store = Path(tempfile.mkdtemp(prefix="qs-bench-store-"))
+    cache = bench_cache(captions, limit, store)
     print("cache", cache, flush=True)
     overhead = bench_search_overhead(n=20_000 if args.quick else 100_000)
     print("overhead", overhead, flush=True)
     thr = bench_encode_throughput(texts)
     print("throughput", thr, flush=True)
-    t2t = bench_t2t(captions, limit)
+    t2t = bench_t2t(captions, limit, store)
     print("t2t", t2t, flush=True)
+    shutil.rmtree(store)
 
     md = ["# Foundation benchmarks", "",
           "Command: `.venv/bin/python bench/bench_foundation.py`" + (" --quick" if args.quick else ""), "",

@@ -148,3 +148,20 @@ def test_ivf_needs_enough_training_vectors(rng):
 def test_load_index_errors(tmp_path):
     with pytest.raises(InputError, match="no index.json"):
         load_index(tmp_path)
+
+
+def test_large_batches_take_the_faiss_kernel_with_the_same_contract(rng):
+    g, _ = _data(rng, n=2000)
+    q = rng.standard_normal((ExactIndex.FAISS_KNN_MIN_QUERIES + 5, 32)).astype(np.float32)
+    idx = build_index(32)
+    idx.add(g)
+    s, i = idx.search(q, 7)
+    ref_s, ref_i = idx._search_block(q[:5], idx.gallery, 7)  # small batch: our own GEMM path
+    np.testing.assert_array_equal(i[:5], ref_i)
+    np.testing.assert_allclose(s[:5], ref_s, atol=1e-5)
+    assert i.dtype == np.int64 and s.dtype == np.float32
+    # ties: equal scores come back in ascending label order on this path too
+    tied = ExactIndex(2)
+    tied.add(np.ones((10, 2), np.float32))
+    _, ti = tied.search(np.ones((ExactIndex.FAISS_KNN_MIN_QUERIES, 2), np.float32), 4)
+    assert (ti == np.arange(4)).all()

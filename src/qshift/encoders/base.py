@@ -10,15 +10,17 @@ each tower stay reachable (``text_tower``/``image_tower``) and
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
-import torch
 from PIL import Image
 
 from qshift.data.images import ImageLike, load_image
 from qshift.errors import InputError
 from qshift.progress import progress_bar
+
+if TYPE_CHECKING:  # torch is imported where it is used: a cache hit never needs it
+    import torch
 
 TEXT, IMAGE = "text", "image"
 
@@ -54,6 +56,8 @@ def check_texts(texts: Sequence[str]) -> list[str]:
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return torch.nn.functional.normalize(x.float(), dim=-1)
 
 
@@ -81,7 +85,7 @@ class TorchEncoder:
     text_tower: torch.nn.Module | None = None
     image_tower: torch.nn.Module | None = None
     batch_size: int = 64
-    device: torch.device = torch.device("cpu")
+    device: Any = "cpu"
     _weights_hash: str | None = None
 
     # -- hooks -------------------------------------------------------------------------
@@ -148,6 +152,8 @@ class TorchEncoder:
         bs = int(batch_size or self.batch_size)
         if bs < 1:
             raise InputError(f"batch_size must be >= 1, got {bs}")
+        import torch
+
         out = np.empty((n, self.dim), dtype=np.float32)
         with torch.inference_mode(), progress_bar(label, n, progress and n > 0) as bar:
             for start in range(0, n, bs):

@@ -9,12 +9,14 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from qshift.encoders.base import TEXT, TorchEncoder
 from qshift.errors import EncoderSpecError
 from qshift.io import sha256_file, stable_hash
+
+if TYPE_CHECKING:  # imported lazily: a full cache hit loads neither torch nor the model
+    import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -47,7 +49,7 @@ class SentenceTransformerEncoder(TorchEncoder):
         if not (self.path / "modules.json").is_file() and not (self.path / "config.json").is_file():
             raise EncoderSpecError(f"st:{name}: {self.path} is not a sentence-transformers model directory")
         self.spec = f"st:{name}"
-        self.device = torch.device(device)
+        self.device = device
         self.batch_size = batch_size
         self._model = None  # loaded on first use: a full cache hit never needs it
 
@@ -81,6 +83,8 @@ class SentenceTransformerEncoder(TorchEncoder):
         return self._weights_hash
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        import torch
+
         # sentence-transformers >= 6 renamed tokenize() to preprocess()
         feats = (self.model.preprocess if hasattr(self.model, "preprocess") else self.model.tokenize)(texts)
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in feats.items()}
