@@ -109,10 +109,6 @@ def main() -> None:
     print(f"SGEMM peak: {peak:.1f} GFLOP/s", flush=True)
     rows = run(sizes, 512, [1, 8, 64, 256], [10, 100], peak)
     name = "exact_search" + ("_quick" if args.quick else "")
-    from qshift.io import write_json
-
-    write_json(RESULTS / f"{name}.rows.json", rows)  # kept even if plotting fails
-    plot(rows, RESULTS / f"{name}.png")
     cols = ["N", "batch", "k", "method", "ms_per_query", "GFLOP/s", "pct_of_peak", "speedup_vs_faiss",
             "same_topk_set", "identical_order", "peak_extra_MB"]
     fmt = {"ms_per_query": ".3f", "GFLOP/s": ".1f", "pct_of_peak": ".0f", "speedup_vs_faiss": ".2f",
@@ -126,6 +122,7 @@ def main() -> None:
           "precision, so their top-k may differ where scores are within that rounding.", "",
           f"![ms/query vs batch]({name}.png)", "", md_table(rows, cols, fmt)]
     write_results(name, {"gemm_peak_gflops": peak, "rows": rows}, "\n".join(md))
+    plot(rows, RESULTS / f"{name}.png")  # after the tables, so a plotting failure loses no result
 
 
 if __name__ == "__main__":

@@ -27,6 +27,10 @@ StoreOpt = typer.Option(None, "--store", help="Embedding cache directory (defaul
 FormatOpt = typer.Option("auto", "--format", help="Collection format: auto, csv, jsonl, lines, karpathy, coco.")
 LimitOpt = typer.Option(None, "--limit", help="Use only the first N items.")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
+CaptionsPerItemOpt = typer.Option(5, help="For line-per-caption files.")
+ImageRootOpt = typer.Option(None, help="Folder the image names are relative to.")
+SplitOpt = typer.Option("test", help="Split of a Karpathy JSON.")
+OnErrorOpt = typer.Option("raise", help="Unreadable images: raise (stop, naming the file) or skip (count them).")
 
 
 def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -80,12 +84,12 @@ def encode(collection: Path = typer.Argument(..., help="Collection file or folde
            encoder: str = EncoderOpt,
            modality: str = typer.Option("text", help="text, image or both."),
            store: Optional[Path] = StoreOpt, fmt: str = FormatOpt, limit: Optional[int] = LimitOpt,
-           captions_per_item: int = typer.Option(5, help="For line-per-caption files."),
-           image_root: Optional[Path] = typer.Option(None, help="Folder the image names are relative to."),
-           split: str = typer.Option("test", help="Split of a Karpathy JSON."),
+           captions_per_item: int = CaptionsPerItemOpt,
+           image_root: Optional[Path] = ImageRootOpt,
+           split: str = SplitOpt,
            shard_size: int = typer.Option(2048, help="Rows per cache shard."),
            batch_size: Optional[int] = typer.Option(None, help="Encoder batch size."),
-           on_error: str = typer.Option("raise", help="Unreadable images: raise (stop, naming the file) or skip."),
+           on_error: str = OnErrorOpt,
            as_json: bool = JsonOpt) -> None:
     """Encode a collection into the embedding cache (resumes; re-encodes only what changed).
 
@@ -190,12 +194,12 @@ def eval_(collection: Path = typer.Argument(..., help="Collection file or folder
           encoder: str = EncoderOpt,
           direction: str = typer.Option("t2i,i2t", help="Comma-separated: t2i, i2t, t2t."),
           store: Optional[Path] = StoreOpt, fmt: str = FormatOpt, limit: Optional[int] = LimitOpt,
-          captions_per_item: int = typer.Option(5, help="For line-per-caption files."),
-          image_root: Optional[Path] = typer.Option(None, help="Folder the image names are relative to."),
-          split: str = typer.Option("test", help="Split of a Karpathy JSON."),
+          captions_per_item: int = CaptionsPerItemOpt,
+          image_root: Optional[Path] = ImageRootOpt,
+          split: str = SplitOpt,
           factory: str = typer.Option("Exact", help="Index factory used for ranking."),
           k_map: int = typer.Option(10, help="Cut-off k of mAP@k and nDCG@k."),
-          on_error: str = typer.Option("raise", help="Unreadable images: raise or skip."),
+          on_error: str = OnErrorOpt,
           as_json: bool = JsonOpt) -> None:
     """Recall table (R@1/5/10, MRR, mAP@k, nDCG@k, MedR) for a collection and an encoder.
 
