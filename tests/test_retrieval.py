@@ -40,3 +40,22 @@ def test_minilm_t2t_on_real_coco_captions(minilm, shared_data, tmp_path):
     task = build_task(coll, minilm, "t2t", EmbeddingStore(tmp_path), progress=False)
     m = evaluate(task)
     assert m["R@1"] > 50 and m["R@10"] > 90  # a real pretrained model, not noise (chance: 0.5 %)
+
+
+def test_one_pass_exact_ranking_agrees_with_the_index_path(rng):
+    from qshift.index import build_index
+    from qshift.metrics import Qrels, first_positive_rank
+    from qshift.retrieval import RetrievalTask, exact_ranking
+
+    g = rng.standard_normal((300, 16)).astype(np.float32)
+    q = rng.standard_normal((40, 16)).astype(np.float32)
+    qrels = Qrels.from_labels(rng.integers(0, 300, 40))
+    labels, ranks = exact_ranking(q, g, qrels, 10, block=7)
+    idx = build_index(16, "Exact")
+    idx.add(g)
+    np.testing.assert_array_equal(labels, idx.search(q, 10)[1])
+    np.testing.assert_array_equal(ranks, first_positive_rank(q @ g.T, qrels))
+    task = RetrievalTask("t2i", q, g, qrels, [], [])
+    exact, flat = evaluate(task, factory="Exact"), evaluate(task, factory="Flat")
+    assert exact == flat and "MedR" in exact
+    assert "MedR" not in evaluate(task, factory="Exact,fp16")

@@ -94,8 +94,9 @@ class ExactIndex(_IdsMixin):
     of queries against a block of gallery rows, ``torch.topk`` keeps each row's best k,
     and a running merge combines blocks. The score buffer never exceeds
     ``memory_budget_mb``. From ``FAISS_KNN_MIN_QUERIES`` float32 queries on, the call
-    goes to FAISS's brute-force kernel on the same array, which was faster there. Results equal a flat scan; within the returned list, equal
-    scores are ordered by label. A gallery stored in ``float16`` is widened to float32
+    goes to FAISS's brute-force kernel on the same array, which was faster there.
+    Results equal a flat scan; within the returned list, equal scores are ordered by
+    label. A gallery stored in ``float16`` is widened to float32
     block by block (and single queries use torch's half-precision GEMV); ``bfloat16``
     uses native bf16 matrix products with float32 accumulation (queries are rounded
     to bf16 too, so scores agree with float32 to about 3 significant digits).

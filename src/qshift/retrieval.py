@@ -22,7 +22,7 @@ import numpy as np
 from qshift.data.collection import Collection
 from qshift.encoders.base import IMAGE, TEXT, Encoder
 from qshift.errors import InputError
-from qshift.index import DEFAULT_FACTORY, build_index
+from qshift.index import DEFAULT_FACTORY, as_queries, build_index
 from qshift.metrics import Qrels, first_positive_rank, retrieval_metrics
 from qshift.store import EmbeddingStore, Embeddings
 
@@ -93,23 +93,40 @@ def build_task(collection: Collection, encoder: Encoder, direction: str, store: 
     return cross_modal_task(collection, text, image, direction)
 
 
-def full_ranks(queries: np.ndarray, gallery: np.ndarray, qrels: Qrels, block: int = 1024) -> np.ndarray:
-    """Exact 0-based rank of each query's best positive (blocked over queries)."""
-    out = np.empty(len(queries), dtype=np.int64)
+def exact_ranking(queries: np.ndarray, gallery: np.ndarray, qrels: Qrels, k: int,
+                  block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """One float32 scoring pass giving each query's top-k labels (ordered as
+    :class:`~qshift.index.ExactIndex` orders them) and the exact 0-based rank of its best
+    positive (blocked over queries)."""
+    import torch
+
+    from qshift.index import ExactIndex
+
+    labels = np.empty((len(queries), k), dtype=np.int64)
+    ranks = np.empty(len(queries), dtype=np.int64)
     for s in range(0, len(queries), block):
-        out[s:s + block] = first_positive_rank(queries[s:s + block] @ gallery.T, qrels[s:s + block])
-    return out
+        scores = queries[s:s + block] @ gallery.T
+        ranks[s:s + block] = first_positive_rank(scores, qrels[s:s + block])
+        top_s, top_i = torch.topk(torch.from_numpy(scores), k, dim=1)
+        labels[s:s + block] = ExactIndex._order(top_s.numpy(), top_i.numpy())[1]
+    return labels, ranks
 
 
 def evaluate(task: RetrievalTask, ks: Sequence[int] = (1, 5, 10), k_map: int = 10,
              factory: str = DEFAULT_FACTORY, queries: np.ndarray | None = None) -> dict[str, float]:
-    """Metrics of ``task`` (optionally with replaced query embeddings, e.g. adapted ones)."""
-    q = task.queries if queries is None else queries
-    index = build_index(task.gallery.shape[1], factory)
-    index.add(task.gallery)
-    k = min(max(max(ks), k_map), len(index))
-    _, labels = index.search(q, k)
-    ranks = full_ranks(q, task.gallery, task.qrels) if factory.lower().startswith(("exact", "flat")) else None
+    """Metrics of ``task`` (optionally with replaced query embeddings, e.g. adapted ones).
+
+    With a float32 exact factory (``Exact``/``Flat``) one scoring pass gives the top-k and
+    the full ranks (so MedR too); other factories rank through their own index.
+    """
+    q = as_queries(task.queries if queries is None else queries, task.gallery.shape[1])
+    k = min(max(max(ks), k_map), len(task.gallery))
+    if factory.strip().lower() in ("exact", "flat", "exact,fp32", "exact,float32"):
+        labels, ranks = exact_ranking(q, task.gallery, task.qrels, k)
+    else:
+        index = build_index(task.gallery.shape[1], factory)
+        index.add(task.gallery)
+        labels, ranks = index.search(q, k)[1], None
     out = retrieval_metrics(labels, task.qrels, [x for x in ks if x <= k] if ranks is None else ks,
                             k_map=min(k_map, k), full_ranks=ranks)
     out["queries"] = float(len(q))

@@ -23,9 +23,6 @@ import numpy as np
 from qshift.errors import InputError
 from qshift.io import read_json, stable_hash
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
 @dataclass
 class Collection:
     """Items with captions; ``image_paths`` is ``None`` for caption-only collections."""
