@@ -201,8 +201,9 @@ def load_collection(path: str | Path, fmt: str = "auto", *, captions_per_item: i
     """Load a collection, guessing the format from the path when ``fmt='auto'``.
 
     A directory is read as ``captions.csv`` / ``captions.jsonl`` / ``captions.txt``
-    inside it, with images in ``images/`` (or the directory itself). Options that do not
-    apply to the format found are ignored.
+    inside it, with images in ``images/`` (or the directory itself). A CSV/JSONL file
+    given without ``image_root`` whose first image exists beside it has its image names
+    read relative to its folder. Options that do not apply to the format are ignored.
     """
     path = Path(path)
     formats = ("csv", "jsonl", "lines", "karpathy", "coco")
@@ -235,7 +236,11 @@ def load_collection(path: str | Path, fmt: str = "auto", *, captions_per_item: i
     if fmt == "karpathy":
         return load_karpathy_json(path, split, image_root, name=name)
     loader = {"csv": load_csv, "jsonl": load_jsonl, "coco": load_coco_json}[fmt]
-    return loader(path, image_root, name=name)
+    coll = loader(path, image_root, name=name)
+    if image_root is None and fmt in ("csv", "jsonl") and coll.ids and (path.parent / coll.ids[0]).is_file():
+        # image names relative to the captions file (e.g. a qshift world)
+        coll = Collection(coll.name, coll.ids, coll.captions, [path.parent / i for i in coll.ids], coll.source)
+    return coll
 
 
 def _require_file(path: Path) -> None:

@@ -6,6 +6,10 @@
 ``hf:/path/dir``                       transformers CLIP/SigLIP (``save_pretrained``)
 ``onnx:/path/dir``                     exported towers run by onnxruntime
 ``st:all-MiniLM-L6-v2`` / ``st:/dir``  sentence-transformers text encoder
+``lit:CONFIG@/path/ckpt.safetensors``  frozen sentence-transformers text + trained ViT
+``world:mini-clip``                    the shipped mini-CLIP trained on the world
+``world:lit-minilm``                   the shipped LiT model (frozen MiniLM text)
+``world:NAME@/path/model.safetensors`` a world model you trained yourself
 =====================================  ==============================================
 
 Backends register themselves in ``BACKENDS``; third parties may add their own prefix
@@ -49,7 +53,21 @@ def _st(rest: str, **kw: Any) -> Encoder:
     return SentenceTransformerEncoder(rest, **kw)
 
 
-BACKENDS: dict[str, Callable[..., Encoder]] = {"openclip": _openclip, "hf": _hf, "onnx": _onnx, "st": _st}
+def _lit(rest: str, **kw: Any) -> Encoder:
+    from qshift.encoders.lit import LiTEncoder
+
+    config, _, ckpt = rest.partition("@")
+    return LiTEncoder(config, ckpt or None, **kw)
+
+
+def _world(rest: str, **kw: Any) -> Encoder:
+    from qshift.world.models import create_world_encoder
+
+    return create_world_encoder(rest, **kw)
+
+
+BACKENDS: dict[str, Callable[..., Encoder]] = {"openclip": _openclip, "hf": _hf, "onnx": _onnx, "st": _st,
+                                               "lit": _lit, "world": _world}
 
 
 def register_backend(prefix: str, factory: Callable[..., Encoder]) -> None:

@@ -34,7 +34,7 @@ class OpenCLIPEncoder(TorchEncoder):
     """A CLIP-style dual encoder built by ``open_clip.create_model_and_transforms``."""
 
     def __init__(self, arch: str, pretrained: str | Path | None = None, device: str = "cpu",
-                 seed: int = 0, batch_size: int = 64) -> None:
+                 seed: int = 0, batch_size: int = 64, spec: str | None = None) -> None:
         if arch not in open_clip.list_models():
             close = difflib.get_close_matches(arch, open_clip.list_models(), n=5)
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -62,7 +62,7 @@ class OpenCLIPEncoder(TorchEncoder):
         model.eval()
         self.model = model
         self.arch = arch
-        self.spec = f"openclip:{arch}" + (f"@{self._ckpt}" if self._ckpt else "")
+        self.spec = spec or f"openclip:{arch}" + (f"@{self._ckpt}" if self._ckpt else "")
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.tokenizer = open_clip.get_tokenizer(arch)
