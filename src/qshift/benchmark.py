@@ -1,0 +1,389 @@
+"""The grid benchmark runner (``qshift bench CONFIG``).
+
+A YAML or TOML config names the encoder, the collection, the direction, the shifts ×
+severities (plus optional mixed / source-share streams), the methods and the seeds. The
+runner encodes the clean gallery once (through the embedding store), builds each
+shifted query set once (cached under ``OUT/shifts``), runs every method on every cell
+and writes one JSON per cell (``OUT/cells/``) and the table ``OUT/results.{csv,parquet}``.
+A cell whose JSON exists for the same config is skipped, so an interrupted run resumes.
+Shifts touch the queries only; the gallery stays clean.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qshift.data.collection import Collection, load_collection
+from qshift.data.corruptions import expand, modality_of
+from qshift.data.streams import CLEAN, mixed_stream, source_share_stream
+from qshift.errors import InputError
+from qshift.io import read_json, stable_hash, write_json, write_text
+from qshift.metrics import Qrels, first_positive_rank, retrieval_metrics
+from qshift.methods import RunContext, create_method
+from qshift.progress import progress_bar
+
+STREAMS = ("mixed", "source_share")
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    encoder: str
+    collection: str
+    direction: str = "t2i"
+    shifts: list[str] = field(default_factory=lambda: ["clean"])
+    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    streams: list[str] = field(default_factory=list)
+    stream_severities: list[int] = field(default_factory=lambda: [5])
+    methods: list[Any] = field(default_factory=lambda: ["zero-shot"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    max_queries: int | None = None
+    query_caption: int = 0
+    min_similarity: float | None = None
+    batch_size: int = 64
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    k_map: int = 10
+    out: str | None = None
+    format: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.direction not in ("t2i", "i2t", "t2t"):
+            raise InputError(f"config: direction must be t2i, i2t or t2t, got {self.direction!r}")
+        want = "image" if self.direction == "i2t" else "text"
+        names = [s for s in self.shifts if s != CLEAN]
+        for s in expand(names):
+            if modality_of(s) != want:
+                raise InputError(f"config: shift {s!r} corrupts {modality_of(s)}s, but {self.direction} queries "
+                                 f"are {want}s (shifts touch the queries only)")
+        for s in self.streams:
+            if s not in STREAMS:
+                raise InputError(f"config: unknown stream {s!r}; known: {', '.join(STREAMS)}")
+        for sev in [*self.severities, *self.stream_severities]:
+            if sev not in (1, 2, 3, 4, 5):
+                raise InputError(f"config: severities must be 1–5, got {sev!r}")
+        if not self.methods:
+            raise InputError("config: methods is empty")
+        for m in self.methods:
+            create_method(m)  # unknown names / bad parameters fail before any work
+
+    @property
+    def shift_names(self) -> list[str]:
+        return expand([s for s in self.shifts if s != CLEAN])
+
+    @staticmethod
+    def from_dict(d: dict, where: str = "config") -> "BenchConfig":
+        known = {f.name for f in fields(BenchConfig)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            import difflib
+
+            hints = [f"{k!r}" + (f" (did you mean {difflib.get_close_matches(k, known, 1)[0]!r}?)"
+                                 if difflib.get_close_matches(k, known, 1) else "") for k in unknown]
+            raise InputError(f"{where}: unknown key(s) {', '.join(hints)}; known: {', '.join(sorted(known))}")
+        missing = [k for k in ("name", "encoder", "collection") if k not in d]
+        if missing:
+            raise InputError(f"{where}: missing required key(s) {missing}")
+        return BenchConfig(**d)
+
+
+def load_config(path: str | Path) -> BenchConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: config file not found")
+    text = path.read_text("utf-8")
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            raise InputError(f"{path}: config must be .yaml, .yml or .toml")
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - parser errors of either format
+        raise InputError(f"{path}: cannot parse ({exc})") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping at the top level")
+    return BenchConfig.from_dict(data, str(path))
+
+
+def resolve_collection(spec: str, fmt: str = "auto", base: Path | None = None) -> tuple[Path, Collection]:
+    """``world:SPLIT[-STYLE]``, ``shared:REL/PATH`` (under ``../shared/data``) or a path."""
+    if spec.startswith("world:"):
+        from qshift.world import world_collection
+
+        path = world_collection(spec.removeprefix("world:"), progress=True)
+    elif spec.startswith("shared:"):
+        from qshift.paths import shared_data_dir
+
+        root = shared_data_dir()
+        if root is None:
+            raise InputError(f"{spec}: no shared data folder (set QSHIFT_SHARED_DATA)")
+        path = root / spec.removeprefix("shared:")
+    else:
+        path = Path(spec)
+        if not path.is_absolute() and base is not None and not path.exists():
+            path = base / path
+    return path, load_collection(path, fmt)
+
+
+class Grid:
+    """One benchmark: shared gallery/query state and the cells to run."""
+
+    def __init__(self, cfg: BenchConfig, out: Path, store: Any, progress: bool = True) -> None:
+        from qshift.encoders import create_encoder
+
+        self.cfg, self.out, self.store, self.progress = cfg, out, store, progress
+        self.coll_path, coll = resolve_collection(cfg.collection, cfg.format)
+        self.encoder = create_encoder(cfg.encoder)
+        self.key = stable_hash({**asdict(cfg), "out": None, "encoder_fp": self.encoder.fingerprint(),
+                                "collection_key": coll.key()})[:16]
+        self.coll = coll
+        self._setup()
+
+    # -- clean task ------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg, coll = self.cfg, self.coll
+        from qshift.retrieval import build_task
+
+        task = build_task(coll, self.encoder, cfg.direction, self.store, progress=self.progress,
+                          query_caption=cfg.query_caption)
+        texts = coll.texts()
+        if cfg.direction == "t2i":
+            raw = texts
+        elif cfg.direction == "t2t":
+            starts = np.concatenate([[0], np.cumsum([len(c) for c in coll.captions])[:-1]])
+            raw = [texts[i] for i in starts + cfg.query_caption]
+        else:
+            raw = list(coll.image_paths or [])
+        keep = np.arange(len(raw))
+        if cfg.max_queries and cfg.max_queries < len(raw):
+            keep = np.random.default_rng(0).choice(len(raw), cfg.max_queries, replace=False)
+            keep.sort()
+        self.raw_queries = [raw[i] for i in keep]
+        self.clean_queries = task.queries[keep]
+        rows = task.qrels.indptr
+        self.qrels = Qrels.from_lists([task.qrels.indices[rows[i]:rows[i + 1]] for i in keep])
+        self.gallery = task.gallery
+        # clean texts paired with gallery items: source anchors for adaptation methods
+        self.source_texts = [c[0] for c in coll.captions] if cfg.direction != "i2t" else None
+
+    # -- shifted queries ----------------------------------------------------------------
+    def shifted(self, shift: str, severity: int, seed: int) -> tuple[list[Any], dict]:
+        """Raw shifted queries (texts, or paths of corrupted images) for one cell, cached."""
+        if shift == CLEAN:
+            return self.raw_queries, {"generator": "none"}
+        cache = self.out / "shifts" / f"{shift}-s{severity}-seed{seed}.json"
+        if cache.is_file():
+            data = read_json(cache)
+            if data.get("key") == self.key:
+                return data["queries"], data["info"]
+        if modality_of(shift) == "text":
+            from qshift.data.corruptions.text import corrupt_texts
+
+            enc = None
+            if self.cfg.min_similarity is not None:
+                from qshift.encoders import create_encoder
+
+                enc = create_encoder("st:all-MiniLM-L6-v2")
+            res = corrupt_texts(self.raw_queries, shift, severity, seed, min_similarity=self.cfg.min_similarity,
+                                encoder=enc)
+            queries, info = res.texts, {"generator": res.generator, **res.stats}
+        else:
+            queries, info = self._corrupt_images(shift, severity, seed), {"generator": "imagecorruptions"}
+        write_json(cache, {"key": self.key, "queries": [str(q) for q in queries], "info": info})
+        return queries, info
+
+    def _corrupt_images(self, shift: str, severity: int, seed: int) -> list[str]:
+        from qshift.data.corruptions.image import corrupt_image
+        from qshift.data.images import load_image
+        from qshift.io import write_bytes
+
+        folder = self.out / "shifts" / f"{shift}-s{severity}-seed{seed}"
+        paths = []
+        with progress_bar(f"corrupt {shift} s{severity}", len(self.raw_queries), self.progress) as bar:
+            for k, src in enumerate(self.raw_queries):
+                target = folder / f"{k:06d}.png"
+                if not target.is_file():
+                    buf = io.BytesIO()
+                    corrupt_image(load_image(src), shift, severity, seed, k).save(buf, format="PNG")
+                    write_bytes(target, buf.getvalue())
+                paths.append(str(target))
+                bar.advance(1)
+        return paths
+
+    def encode(self, queries: list[Any], tag: str) -> np.ndarray:
+        """Frozen-encoder embeddings of raw queries, through the store."""
+        if self.cfg.direction == "i2t":
+            coll = Collection(f"bench-{self.cfg.name}-{tag}", [f"q{i}" for i in range(len(queries))],
+                              [["-"]] * len(queries), [Path(q) for q in queries])
+            return self.store.encode(self.encoder, coll, "image", progress=self.progress).vectors
+        coll = Collection(f"bench-{self.cfg.name}-{tag}", [f"q{i}" for i in range(len(queries))],
+                          [[q] for q in queries])
+        return self.store.encode(self.encoder, coll, "text", progress=self.progress).vectors
+
+    # -- cells ------------------------------------------------------------------------
+    def cells(self) -> list[dict]:
+        cfg = self.cfg
+        out = []
+        for seed in cfg.seeds:
+            for m in cfg.methods:
+                mname = m if isinstance(m, str) else m["name"]
+                params = {} if isinstance(m, str) else {k: v for k, v in m.items() if k != "name"}
+                label = m if isinstance(m, str) else m.get("label", mname)
+                params.pop("label", None)
+                base = {"method": label, "method_name": mname, "params": params, "seed": seed}
+                if CLEAN in cfg.shifts:
+                    out.append({**base, "shift": CLEAN, "severity": 0})
+                for s in self.cfg.shift_names:
+                    for sev in cfg.severities:
+                        out.append({**base, "shift": s, "severity": sev})
+                for stream in cfg.streams:
+                    out.append({**base, "shift": f"stream:{stream}", "severity": 0})
+        return out
+
+    def cell_path(self, cell: dict) -> Path:
+        safe = cell["method"].replace("/", "_").replace(" ", "_")
+        return self.out / "cells" / safe / f"{cell['shift'].replace(':', '_')}-s{cell['severity']}-seed{cell['seed']}.json"
+
+    def run_cell(self, cell: dict) -> dict:
+        cfg = self.cfg
+        seed = cell["seed"]
+        stream_items = None
+        if cell["shift"].startswith("stream:"):
+            stream_items = self._stream(cell["shift"].split(":", 1)[1], seed)
+            raw, info, tags = self._stream_queries(stream_items, seed)
+            order = np.arange(len(raw))  # the stream fixes the order
+            encode = lambda: self._stream_embeddings(stream_items, seed)  # noqa: E731
+        else:
+            raw, info = self.shifted(cell["shift"], cell["severity"], seed)
+            order = np.random.default_rng([seed, 7]).permutation(len(raw))
+            tag = f"{cell['shift']}-s{cell['severity']}-seed{seed}"
+            encode = (lambda: self.clean_queries) if cell["shift"] == CLEAN else \
+                (lambda: self.encode(raw, tag))  # noqa: E731
+        cache: dict[str, np.ndarray] = {}
+
+        def encode_cached() -> np.ndarray:
+            if "q" not in cache:
+                cache["q"] = encode()
+            return cache["q"]
+
+        qrels = self.qrels if stream_items is None else \
+            Qrels.from_lists([self.qrels.indices[self.qrels.indptr[it.query]:self.qrels.indptr[it.query + 1]]
+                              for it in stream_items])
+        ctx = RunContext(self.encoder, cfg.direction, self.gallery, raw, order, encode_cached, cfg.batch_size,
+                         seed, self.source_texts, {"cell": cell, "shift_info": info})
+        method = create_method({"name": cell["method_name"], **cell["params"]})
+        t0 = time.perf_counter()
+        scores = np.asarray(method.run(ctx), dtype=np.float32)
+        seconds = time.perf_counter() - t0
+        if scores.shape != (len(raw), len(self.gallery)):
+            raise RuntimeError(f"method {cell['method']} returned scores {scores.shape}, expected "
+                               f"{(len(raw), len(self.gallery))}")
+        if not np.isfinite(scores).all():
+            raise RuntimeError(f"method {cell['method']} returned non-finite scores in cell {cell}")
+        ranks = first_positive_rank(scores, qrels)
+        k = min(max(max(cfg.ks), cfg.k_map), scores.shape[1])
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable"), 1)
+        metrics = retrieval_metrics(top, qrels, cfg.ks, k_map=min(cfg.k_map, k), full_ranks=ranks)
+        hits = (ranks[order] == 0).astype(float)  # R@1 along the stream, in 10 windows
+        curve = [float(w.mean() * 100) for w in np.array_split(hits, min(10, len(hits)))]
+        result = {**cell, "key": self.key, "name": cfg.name, "direction": cfg.direction,
+                  "encoder": self.encoder.fingerprint(), "collection": str(self.coll_path),
+                  "metrics": metrics, "queries": len(raw), "gallery": int(len(self.gallery)),
+                  "seconds": seconds, "queries_per_s": len(raw) / max(seconds, 1e-9),
+                  "curve_r1": curve, "shift_info": info}
+        if stream_items is not None:
+            per = {}
+            for s in sorted({it.shift for it in stream_items}):
+                mask = np.array([it.shift == s for it in stream_items])
+                per[s] = float((ranks[mask] == 0).mean() * 100)
+            result["per_shift_r1"] = per
+        return result
+
+    def _stream(self, kind: str, seed: int) -> list:
+        n = len(self.raw_queries)
+        shifts, sevs = self.cfg.shift_names, self.cfg.stream_severities
+        if not shifts:
+            raise InputError("config: streams need at least one shift in 'shifts'")
+        return mixed_stream(n, shifts, sevs, seed) if kind == "mixed" else source_share_stream(n, shifts, sevs, seed)
+
+    def _stream_queries(self, items: list, seed: int) -> tuple[list[Any], dict, list[str]]:
+        raw, tags = [], []
+        sets: dict[tuple[str, int], list[Any]] = {}
+        for it in items:
+            if (it.shift, it.severity) not in sets:
+                sets[(it.shift, it.severity)] = self.shifted(it.shift, it.severity, seed)[0]
+            raw.append(sets[(it.shift, it.severity)][it.query])
+            tags.append(f"{it.shift}-s{it.severity}")
+        return raw, {"generator": "stream", "shifts": sorted({t for t in tags})}, tags
+
+    def _stream_embeddings(self, items: list, seed: int) -> np.ndarray:
+        out = np.empty((len(items), self.gallery.shape[1]), np.float32)
+        groups: dict[tuple[str, int], list[int]] = {}
+        for pos, it in enumerate(items):
+            groups.setdefault((it.shift, it.severity), []).append(pos)
+        for (shift, sev), positions in groups.items():
+            if shift == CLEAN:
+                emb = self.clean_queries
+            else:
+                emb = self.encode(self.shifted(shift, sev, seed)[0], f"{shift}-s{sev}-seed{seed}")
+            out[positions] = emb[[items[p].query for p in positions]]
+        return out
+
+
+def run_benchmark(cfg: BenchConfig, out: Path | None = None, store: Any = None, progress: bool = True,
+                  console: Any = None) -> Path:
+    """Run (or resume) every cell; returns the output folder."""
+    from qshift.paths import cache_dir
+    from qshift.store import EmbeddingStore
+
+    out = Path(out or cfg.out or Path("runs") / "bench" / cfg.name)
+    store = store or EmbeddingStore(cache_dir() / "store")
+    grid = Grid(cfg, out, store, progress)
+    write_json(out / "config.json", {**asdict(cfg), "key": grid.key})
+    cells = grid.cells()
+    results = []
+    with progress_bar(f"bench {cfg.name}", len(cells), progress) as bar:
+        for cell in cells:
+            path = grid.cell_path(cell)
+            res = read_json(path) if path.is_file() else None
+            if res is None or res.get("key") != grid.key:
+                res = grid.run_cell(cell)
+                write_json(path, res)
+                if console is not None:
+                    console.print(f"{cell['method']:>12s} {cell['shift']:>18s} s{cell['severity']} "
+                                  f"seed {cell['seed']}: R@1 {res['metrics']['R@1']:.2f}")
+            results.append(res)
+            bar.advance(1)
+    write_table(results, out)
+    return out
+
+
+def write_table(results: list[dict], out: Path) -> None:
+    import pandas as pd
+
+    rows = []
+    for r in results:
+        rows.append({"name": r["name"], "direction": r["direction"], "method": r["method"], "shift": r["shift"],
+                     "severity": r["severity"], "seed": r["seed"], **r["metrics"], "queries": r["queries"],
+                     "gallery": r["gallery"], "seconds": r["seconds"], "queries_per_s": r["queries_per_s"]})
+    df = pd.DataFrame(rows)
+    write_text(out / "results.csv", df.to_csv(index=False))
+    from qshift.io import atomic_path
+
+    with atomic_path(out / "results.parquet", suffix=".parquet") as tmp:
+        df.to_parquet(tmp, index=False)
+    write_text(out / "cells.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in results))

@@ -1,0 +1,116 @@
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from qshift.benchmark import BenchConfig, load_config, run_benchmark
+from qshift.errors import InputError
+from qshift.methods import METHODS, ZeroShot, register_method
+from qshift.paths import ASSETS
+from qshift.report import write_report
+from qshift.store import EmbeddingStore
+
+COCO200 = str(ASSETS / "coco-dev-200" / "captions.txt")
+
+
+def test_config_errors(tmp_path):
+    base = {"name": "x", "encoder": "st:all-MiniLM-L6-v2", "collection": COCO200, "direction": "t2t"}
+    with pytest.raises(InputError, match="'severites' \\(did you mean 'severities'\\?\\)"):
+        BenchConfig.from_dict({**base, "severites": [1]})
+    with pytest.raises(InputError, match="corrupts images, but t2t queries are texts"):
+        BenchConfig.from_dict({**base, "shifts": ["fog"]})
+    with pytest.raises(InputError, match="unknown method 'tnet'"):
+        BenchConfig.from_dict({**base, "methods": ["tnet"]})
+    with pytest.raises(InputError, match="severities must be 1–5"):
+        BenchConfig.from_dict({**base, "severities": [0]})
+    with pytest.raises(InputError, match="missing required"):
+        BenchConfig.from_dict({"name": "x"})
+    bad = tmp_path / "c.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(InputError, match="cannot parse"):
+        load_config(bad)
+    toml = tmp_path / "c.toml"
+    toml.write_text('name = "x"\nencoder = "st:all-MiniLM-L6-v2"\ncollection = "c.txt"\nshifts = ["ocr"]\n')
+    assert load_config(toml).shifts == ["ocr"]
+    with pytest.raises(InputError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+class Counting(ZeroShot):
+    name = "counting"
+    calls = 0
+
+    def run(self, ctx):
+        Counting.calls += 1
+        assert sorted(ctx.order) == list(range(len(ctx.queries)))
+        return super().run(ctx)
+
+
+def test_t2t_grid_resume_and_report(tmp_path, minilm):
+    register_method("counting", Counting)
+    try:
+        cfg = BenchConfig(name="coco200", encoder="st:all-MiniLM-L6-v2", collection=COCO200, direction="t2t",
+                          shifts=["clean", "char_delete", "word_swap"], severities=[1, 5], streams=["mixed"],
+                          methods=["zero-shot", "counting"], seeds=[0])
+        store = EmbeddingStore(tmp_path / "store")
+        out = run_benchmark(cfg, tmp_path / "res", store, progress=False)
+        df = pd.read_csv(out / "results.csv")
+        assert len(df) == 2 * (1 + 2 * 2 + 1)
+        assert (pd.read_parquet(out / "results.parquet")["R@1"].to_numpy() == df["R@1"].to_numpy()).all()
+        clean = df[(df["shift"] == "clean") & (df["method"] == "zero-shot")]["R@1"].item()
+        from qshift.data.collection import load_lines
+        from qshift.retrieval import build_task, evaluate
+
+        ref = evaluate(build_task(load_lines(COCO200, 5), minilm, "t2t", store, progress=False))
+        assert abs(clean - ref["R@1"]) < 1e-9  # same number as `qshift eval`
+        s5 = df[(df["shift"] == "char_delete") & (df["severity"] == 5)]["R@1"].iloc[0]
+        s1 = df[(df["shift"] == "char_delete") & (df["severity"] == 1)]["R@1"].iloc[0]
+        assert s5 < s1 < clean + 1e-9  # corruption hurts, more at severity 5
+        calls = Counting.calls
+        run_benchmark(cfg, tmp_path / "res", store, progress=False)  # resume: nothing to redo
+        assert Counting.calls == calls
+        cell = next((out / "cells" / "counting").glob("char_delete-s5-*.json"))
+        cell.unlink()
+        run_benchmark(cfg, tmp_path / "res", store, progress=False)
+        assert Counting.calls == calls + 1
+
+        info = write_report([out], tmp_path / "rep")
+        md = (tmp_path / "rep" / "report.md").read_text()
+        assert "| zero-shot |" in md and "char_delete" in md and "stream:mixed" in md
+        assert "eda+wordnet" in md and "nlpaug" in md  # generators are reported
+        html = (tmp_path / "rep" / "report.html").read_text()
+        assert html.count("data:image/png;base64,") == len(info["plots"]) == 3
+        for p in info["plots"]:
+            assert Path(p).stat().st_size > 5000
+    finally:
+        METHODS.pop("counting", None)
+
+
+def test_i2t_grid_with_image_shift(tmp_path, image_collection, tiny_clip):
+    cfg = BenchConfig(name="img", encoder="openclip:qshift-tiny-vit", collection=str(image_collection),
+                      direction="i2t", shifts=["clean", "gaussian_noise"], severities=[3])
+    out = run_benchmark(cfg, tmp_path / "res", EmbeddingStore(tmp_path / "store"), progress=False)
+    cells = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
+    assert [c["shift"] for c in cells] == ["clean", "gaussian_noise"]
+    assert cells[1]["shift_info"]["generator"] == "imagecorruptions"
+    assert len(list((out / "shifts" / "gaussian_noise-s3-seed0").glob("*.png"))) == 12
+
+
+def test_cli_bench_and_report(tmp_path):
+    from qshift.cli import app
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"name: cli\nencoder: st:all-MiniLM-L6-v2\ncollection: {COCO200}\ndirection: t2t\n"
+                   f"shifts: [clean, ocr]\nseverities: [2]\nmax_queries: 50\nout: {tmp_path / 'res'}\n"
+                   f"methods: [zero-shot]\n")
+    res = CliRunner().invoke(app, ["bench", str(cfg), "--store", str(tmp_path / "st"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "res" / "report.html").is_file()
+    assert len(pd.read_csv(tmp_path / "res" / "results.csv")) == 2
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "res"), "-o", str(tmp_path / "r2")])
+    assert res.exit_code == 0 and (tmp_path / "r2" / "report.md").is_file()
+    cfg.write_text("name: cli\nencoder: st:all-MiniLM-L6-v2\ncolection: x\n")
+    res = CliRunner().invoke(app, ["bench", str(cfg)])
+    assert res.exit_code == 2 and "did you mean 'collection'" in res.output.replace("\n", " ")
