@@ -1,0 +1,103 @@
+"""REST (arXiv 2511.14416, the journal extension of TCR): TCR's query-shift-robust
+objective plus query–gallery consistency, and gradient decoupling.
+
+The seed describes the two additions in words only; qshift implements this reading
+(every term can be switched off for ablation):
+
+* **Query–gallery consistency** (REST §III-B-3): retrieval should agree in both
+  directions. In the batch's query × candidate similarity matrix, each query i picks
+  candidate c_i; consistency asks c_i to pick query i back among the batch's queries:
+  L_cons = mean_i w_i · (−log softmax_over_queries(q·c_i / τ)_i), with w_i the
+  noise-robust weights of TCR's Eq. 4 (unreliable queries do not pull).
+* **Gradient decoupling** (REST §III-C): two gradients per batch — g_shift of the
+  adaptation objective on the current queries, and g_src of a source-knowledge loss on
+  source-like pairs (the TCR queue's stored queries and their candidates, or the source
+  anchors while the queue is empty): InfoNCE that keeps each source-like query matched
+  to its own candidate. When they conflict (g_shift · g_src < 0) the conflicting
+  component is projected out, g_shift ← g_shift − (g_shift·g_src / ‖g_src‖²) g_src, and
+  the step follows g_shift + λ g_src. g_src is computed at the first step of a batch and
+  reused for its remaining steps (it moves slowly; this keeps the cost near TCR's).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qshift.adapt.engine import Adapter, Batch, Predictions, softmax_entropy
+from qshift.adapt.tcr import TCR
+
+
+def decouple(g_shift: list[torch.Tensor], g_src: list[torch.Tensor], source_weight: float = 1.0
+             ) -> tuple[list[torch.Tensor], bool]:
+    """Remove from g_shift its component against g_src, then add λ·g_src (returns the
+    combined gradient and whether there was a conflict)."""
+    dot = sum((a * b).sum() for a, b in zip(g_shift, g_src))
+    norm2 = sum((b * b).sum() for b in g_src)
+    conflict = bool(dot < 0 and norm2 > 0)
+    if conflict:
+        g_shift = [a - (dot / norm2) * b for a, b in zip(g_shift, g_src)]
+    return [a + source_weight * b for a, b in zip(g_shift, g_src)], conflict
+
+
+class REST(TCR):
+    name = "rest"
+
+    def __init__(self, use_consistency: bool = True, decouple: bool = True, source_weight: float = 1.0,
+                 source_batch: int = 16, consistency_weight: float = 1.0, **tcr: object) -> None:
+        super().__init__(**tcr)  # type: ignore[arg-type]
+        self.use_consistency, self.decouple = use_consistency, decouple
+        self.source_weight, self.source_batch, self.consistency_weight = source_weight, source_batch, consistency_weight
+        self._g_src: list[torch.Tensor] | None = None
+        self.conflicts = 0
+
+    def loss(self, adapter: Adapter, batch: Batch, pred: Predictions, step: int) -> torch.Tensor:
+        terms = self.terms(adapter, batch, pred, step)
+        if self.use_consistency and len(pred.q) > 1:
+            logits = (pred.q @ pred.nn_feat.T) / adapter.cfg.temperature    # query i × candidate c_j
+            back = -logits.log_softmax(dim=0).diagonal()                    # c_i should pick query i
+            ref = self.reference()
+            if ref is not None and len(ref):
+                ent = softmax_entropy(pred.logits).detach()
+                w = (1 - ent / (ref.threshold() + 1e-3)).clamp_min(0)
+            else:
+                w = torch.ones_like(back)
+            terms["consistency"] = self.consistency_weight * (w * back).sum() / w.sum().clamp_min(1e-6)
+        return sum(terms.values()) if terms else pred.q.sum() * 0.0
+
+    def _source_loss(self, adapter: Adapter) -> torch.Tensor | None:
+        ref = self.reference()
+        if ref is None or len(ref) < 2:
+            return None
+        n = min(self.source_batch, len(ref))
+        raw, cand = ref.raw[:n], torch.stack(ref.c[:n])
+        q = adapter.forward(adapter.prepare(raw).inputs)
+        logits = (q @ cand.T) / adapter.cfg.temperature
+        return F.cross_entropy(logits, torch.arange(n))
+
+    def update(self, adapter: Adapter, batch: Batch, loss: torch.Tensor, step: int) -> None:
+        params = adapter.params
+        g_shift = torch.autograd.grad(loss, params, allow_unused=True)
+        g_shift = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_shift)]
+        if self.decouple:
+            if step == 0 or self._g_src is None:
+                with torch.enable_grad():
+                    src = self._source_loss(adapter)
+                if src is not None:
+                    g = torch.autograd.grad(src, params, allow_unused=True)
+                    self._g_src = [torch.zeros_like(p) if x is None else x for p, x in zip(params, g)]
+                else:
+                    self._g_src = None
+            if self._g_src is not None:
+                g_shift, conflict = decouple(g_shift, self._g_src, self.source_weight)
+                if conflict:
+                    self.conflicts += 1
+                    adapter.stats["gradient_conflicts"] = self.conflicts
+        adapter.optimizer.zero_grad(set_to_none=True)
+        for p, g in zip(params, g_shift):
+            p.grad = g.detach()
+        adapter.optimizer.step()
+
+    def reset(self) -> None:
+        super().reset()
+        self._g_src = None
