@@ -2,69 +2,22 @@
 
 from __future__ import annotations
 
-import functools
-import json
-import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from qshift.errors import QShiftError
+from qshift.clikit import (
+    CaptionsPerItemOpt, EncoderOpt, FormatOpt, ImageRootOpt, JsonOpt, LimitOpt, OnErrorOpt, SplitOpt, StoreOpt,
+    _collection, _handle_errors, _print_json, _store, out)
+from qshift.world.cli import app as world_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Image–text retrieval over frozen encoders that stays accurate under query shift.")
-out = Console()
-err = Console(stderr=True)
-
-EncoderOpt = typer.Option(..., "--encoder", "-e", help="Encoder spec, e.g. `st:all-MiniLM-L6-v2`, "
-                          "`openclip:ViT-B-32@/path/ckpt.pt`, `hf:/path/dir`, `onnx:/path/dir`.")
-StoreOpt = typer.Option(None, "--store", help="Embedding cache directory (default: $QSHIFT_CACHE/store).")
-FormatOpt = typer.Option("auto", "--format", help="Collection format: auto, csv, jsonl, lines, karpathy, coco.")
-LimitOpt = typer.Option(None, "--limit", help="Use only the first N items.")
-JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
-CaptionsPerItemOpt = typer.Option(5, help="For line-per-caption files.")
-ImageRootOpt = typer.Option(None, help="Folder the image names are relative to.")
-SplitOpt = typer.Option("test", help="Split of a Karpathy JSON.")
-OnErrorOpt = typer.Option("raise", help="Unreadable images: raise (stop, naming the file) or skip (count them).")
-
-
-def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except QShiftError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False)
-            raise typer.Exit(2) from None
-        except FileNotFoundError as exc:
-            err.print(f"[bold red]error:[/] {exc.filename}: file not found", highlight=False)
-            raise typer.Exit(2) from None
-    return wrapper
-
-
-def _store(store: Optional[Path]) -> Any:
-    from qshift.paths import cache_dir
-    from qshift.store import EmbeddingStore
-
-    return EmbeddingStore(store or cache_dir() / "store")
-
-
-def _collection(path: Path, fmt: str, limit: Optional[int], captions_per_item: int = 5,
-                image_root: Optional[Path] = None, split: str = "test") -> Any:
-    from qshift.data.collection import load_collection
-
-    coll = load_collection(path, fmt, captions_per_item=captions_per_item, image_root=image_root, split=split)
-    return coll.subset(limit) if limit else coll
-
-
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
-
+app.add_typer(world_app, name="world")
 
 def metrics_table(rows: dict[str, dict[str, float]], title: str) -> Table:
     cols = [c for c in next(iter(rows.values())) if c not in ("queries", "gallery")]
@@ -219,6 +172,107 @@ def eval_(collection: Path = typer.Argument(..., help="Collection file or folder
         _print_json({"collection": coll.name, "encoder": enc.fingerprint(), "metrics": rows})
     else:
         out.print(metrics_table(rows, f"{coll.name} · {enc.spec}"))
+
+
+@app.command()
+@_handle_errors
+def corrupt(collection: Path = typer.Argument(..., help="Collection file or folder."),
+            corruption: str = typer.Option(..., "--corruption", "-c",
+                                           help="Name(s) or group(s), comma-separated: keyboard, ocr, formal, "
+                                                "gaussian_noise, … or text, image, character, word, sentence."),
+            severity: str = typer.Option("3", "--severity", "-s", help="1–5, comma-separated."),
+            seed: int = typer.Option(0),
+            min_similarity: Optional[float] = typer.Option(
+                None, help="Re-draw word/sentence corruptions until MiniLM cosine ≥ this (e.g. 0.9)."),
+            generator: str = typer.Option("rule", help="Sentence level: rule (rule-based) or llm (local LLM)."),
+            fmt: str = FormatOpt, limit: Optional[int] = LimitOpt,
+            captions_per_item: int = CaptionsPerItemOpt, image_root: Optional[Path] = ImageRootOpt,
+            split: str = SplitOpt, as_json: bool = JsonOpt) -> None:
+    """Write shifted query sets next to a collection (manifest: corruption, severity, seed, generator).
+
+    Example: `qshift corrupt runs/world/test.csv -c keyboard,gaussian_noise -s 1,5`
+    """
+    from qshift.data.corruptions import expand
+    from qshift.data.shifts import ShiftSpec, write_shift
+    from qshift.errors import InputError
+
+    coll = _collection(collection, fmt, limit, captions_per_item, image_root, split)
+    try:
+        severities = [int(x) for x in severity.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--severity must be integers 1–5, got {severity!r}") from None
+    encoder = None
+    if min_similarity is not None:
+        from qshift.encoders import create_encoder
+
+        encoder = create_encoder("st:all-MiniLM-L6-v2")
+    written = []
+    for name in expand(corruption):
+        for sev in severities:
+            spec = ShiftSpec(name, sev, seed, min_similarity, generator)
+            path = write_shift(collection, coll, spec, encoder=encoder, progress=not as_json)
+            written.append({"corruption": name, "severity": sev, "collection": str(path),
+                            "manifest": str(path.with_suffix(".json"))})
+            if not as_json:
+                out.print(f"{name} s{sev} → {path}")
+    if as_json:
+        _print_json(written)
+
+
+@app.command()
+@_handle_errors
+def bench(config: Path = typer.Argument(..., help="Benchmark config (.yaml/.yml/.toml)."),
+          out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default: the config's "
+                                                 "`out`, else runs/bench/NAME)."),
+          store: Optional[Path] = StoreOpt,
+          report: bool = typer.Option(True, help="Write the report into the results folder afterwards."),
+          severities: Optional[str] = typer.Option(None, help="Override the config's severities, e.g. `5`."),
+          max_queries: Optional[int] = typer.Option(None, help="Override: use a random subset of N queries."),
+          methods: Optional[str] = typer.Option(None, help="Override: comma-separated method names."),
+          as_json: bool = JsonOpt) -> None:
+    """Run a grid of methods × shifts × severities × seeds; resumes where it stopped.
+
+    Example: `qshift bench bench/configs/world-t2i.yaml --severities 5`
+    """
+    import dataclasses
+
+    from qshift.benchmark import BenchConfig, load_config, run_benchmark
+    from qshift.report import write_report
+
+    cfg = load_config(config)
+    overrides: dict = {}
+    if severities:
+        overrides["severities"] = [int(x) for x in severities.split(",")]
+        overrides["stream_severities"] = overrides["severities"][-1:]
+    if max_queries:
+        overrides["max_queries"] = max_queries
+    if methods:
+        overrides["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
+    if overrides:
+        cfg = BenchConfig.from_dict({**dataclasses.asdict(cfg), **overrides}, str(config))
+    out_path = run_benchmark(cfg, out_dir, _store(store) if store else None, progress=not as_json,
+                             console=None if as_json else out)
+    info = {"results": str(out_path / "results.csv"), "parquet": str(out_path / "results.parquet")}
+    if report:
+        info["report"] = write_report([out_path], out_path)
+    if as_json:
+        _print_json(info)
+    else:
+        out.print(f"results → {info['results']}" + (f"; report → {out_path / 'report.md'}" if report else ""))
+
+
+@app.command("report")
+@_handle_errors
+def report_(results: list[Path] = typer.Argument(..., help="Results folder(s) written by `qshift bench`."),
+            out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (default: the first "
+                                                   "results folder)."),
+            metric: str = typer.Option("R@1", help="Metric of the tables and plots."),
+            as_json: bool = JsonOpt) -> None:
+    """Markdown + standalone HTML report with PNG plots from benchmark results."""
+    from qshift.report import write_report
+
+    info = write_report(list(results), out_dir or results[0], metric)
+    _print_json(info) if as_json else out.print(f"report → {info['markdown']}, {info['html']}")
 
 
 @app.command()
