@@ -13,11 +13,13 @@ from rich.table import Table
 from qshift.clikit import (
     CaptionsPerItemOpt, EncoderOpt, FormatOpt, ImageRootOpt, JsonOpt, LimitOpt, OnErrorOpt, SplitOpt, StoreOpt,
     _collection, _handle_errors, _print_json, _store, out)
+from qshift.quari.cli import app as quari_app
 from qshift.world.cli import app as world_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Image–text retrieval over frozen encoders that stays accurate under query shift.")
 app.add_typer(world_app, name="world")
+app.add_typer(quari_app, name="quari")
 
 def metrics_table(rows: dict[str, dict[str, float]], title: str) -> Table:
     cols = [c for c in next(iter(rows.values())) if c not in ("queries", "gallery")]

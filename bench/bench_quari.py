@@ -1,0 +1,219 @@
+"""QuARI benchmarks (issue 7): accuracy of zero-shot / TA / QuARI / TA+QuARI and the three
+ablations, and the latency of low-rank scoring, re-ranking and full search.
+
+    .venv/bin/python bench/bench_quari.py accuracy --testbed world --encoder world:mini-clip
+    .venv/bin/python bench/bench_quari.py accuracy --testbed coco
+    .venv/bin/python bench/bench_quari.py latency
+
+Accuracy trains on the training split (world: train; COCO: the 1k-image dev captions) from
+stored embeddings and reports on the test split. Runs go to runs/bench/quari-<testbed>/
+and are reused when present (delete them to retrain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, md_table, timeit, write_results  # noqa: E402
+
+from qshift.io import read_json  # noqa: E402
+
+RUNS = Path(os.environ.get("QSHIFT_BENCH_RUNS", "runs/bench"))
+# CPU-sized hypernetwork (the paper's 4 layers × hidden 512 × rank 64 × 4 steps is for a GPU)
+MODEL = dict(rank=32, hidden=64, layers=2, heads=4, steps=3)
+VARIANTS = {  # name: (model overrides, train overrides, on TA features)
+    "QuARI": ({}, {}, False),
+    "TA + QuARI": ({}, {}, True),
+    "w/o iterative generation": ({"one_step": True}, {}, False),
+    "w/o semi-positives": ({}, {"semi_positives": False}, False),
+    "w/o noise": ({}, {"noise": False}, False),
+}
+
+
+def _metrics(scores: np.ndarray, qrels) -> dict[str, float]:
+    from qshift.metrics import first_positive_rank, retrieval_metrics
+
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    return retrieval_metrics(top, qrels, ks=(1, 5, 10), k_map=10, full_ranks=first_positive_rank(scores, qrels))
+
+
+def _testbed(name: str, encoder: str | None):
+    """(encoder, train pairs, test task, description)."""
+    from qshift.data.collection import load_collection
+    from qshift.encoders import create_encoder
+    from qshift.paths import cache_dir, shared_data_dir
+    from qshift.quari.data import training_pairs
+    from qshift.retrieval import build_task
+    from qshift.store import EmbeddingStore
+
+    store = EmbeddingStore(cache_dir() / "store")
+    if name == "world":
+        from qshift.world import world_collection
+
+        enc = create_encoder(encoder or "world:mini-clip")
+        train, test, direction = load_collection(world_collection("train")), load_collection(world_collection("test")), "t2i"
+    else:
+        enc = create_encoder(encoder or "st:all-MiniLM-L6-v2")
+        root = shared_data_dir()
+        if root is None:
+            raise SystemExit("COCO testbed needs ../shared/data")
+        train = load_collection(root / "coco-5k-dev" / "captions.txt")
+        test = load_collection(root / "coco-5k-test" / "captions.txt")
+        direction = "t2t"
+    pairs = training_pairs(train, enc, direction, store)
+    task = build_task(test, enc, direction, store)
+    desc = (f"{enc.spec}: train on {train.name} ({len(pairs[0])} pairs), test on {test.name} "
+            f"({len(task.queries)} queries × {len(task.gallery)} gallery, {direction.upper()})")
+    return enc, pairs, task, desc
+
+
+def bench_accuracy(testbed: str, encoder: str | None, epochs: int) -> dict:
+    from qshift.quari import QuARIConfig, QuARITrainConfig, load_quari, quari_scores, train_quari, train_ta
+    from qshift.quari.search import _normalize, load_ta, save_ta
+
+    enc, (q, t, tof), task, desc = _testbed(testbed, encoder)
+    tq, tg, positive = task.queries, task.gallery, task.qrels
+    run_dir = RUNS / f"quari-{testbed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = {"zero-shot": _metrics(tq @ tg.T, positive)}
+    ta_path = run_dir / "ta.safetensors"
+    t0 = time.perf_counter()
+    if not ta_path.is_file():
+        save_ta(ta_path, train_ta(q, t, tof, epochs=epochs, lr=1e-3), backbone=enc.fingerprint())
+    ta_seconds = time.perf_counter() - t0
+    p = load_ta(ta_path)
+    rows["TA"] = _metrics(_normalize(tq @ p.T) @ _normalize(tg @ p.T).T, positive)
+    train_seconds = {"TA": ta_seconds}
+    for name, (m_over, t_over, on_ta) in VARIANTS.items():
+        out = run_dir / name.replace(" ", "_").replace("/", "").replace("+", "plus")
+        mcfg = QuARIConfig(dim=q.shape[1], **{**MODEL, **m_over})
+        tcfg = QuARITrainConfig(epochs=epochs, **t_over)
+        if not (out / "quari.json").is_file():
+            res = train_quari(q, t, tof, mcfg, tcfg, out, backbone=enc.fingerprint(), projection=p if on_ta else None)
+            train_seconds[name] = res["train_seconds"]
+        else:
+            train_seconds[name] = sum(r["seconds"] for r in read_json(out / "quari.json")["log"])
+        model, proj, _ = load_quari(out, expect_backbone=enc.fingerprint())
+        qq, gg = (tq, tg) if proj is None else (_normalize(tq @ proj.T), _normalize(tg @ proj.T))
+        rows[name] = _metrics(quari_scores(model, qq, gg), positive)
+    zs, full = rows["zero-shot"]["R@1"], rows["QuARI"]["R@1"]
+    return {"testbed": desc, "model": MODEL, "epochs": epochs, "rows": rows, "train_seconds": train_seconds,
+            "quari_gain_r1": full - zs,
+            "ablations_below_full": {k: rows[k]["R@1"] < full for k in VARIANTS if k.startswith("w/o")}}
+
+
+def bench_latency(e: int = 512, r: int = 64, n_gallery: int = 1_000_000, k: int = 1000) -> dict:
+    import faiss
+    import torch
+
+    from qshift.quari import QuARI, QuARIConfig, quari_search
+    from qshift.quari.scoring import lowrank_scores, materialized_scores
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = QuARI(QuARIConfig(dim=e, rank=r, hidden=256, layers=4, heads=4, steps=4)).eval()
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    out: dict = {"E": e, "r": r, "k": k, "threads": torch.get_num_threads()}
+    rows = []
+    with torch.inference_mode():
+        for b in (1, 32):
+            qs = torch.from_numpy(unit(rng.standard_normal((b, e))))
+            cand = torch.from_numpy(unit(rng.standard_normal((b, k, e))))
+            qp, u, v = model(qs)
+            t_net = timeit(lambda: model(qs), reps=15)
+            t_low = timeit(lambda: lowrank_scores(qp, u, v, cand, model.cfg.anchor), reps=15)
+            t_mat = timeit(lambda: materialized_scores(qp, u, v, cand, model.cfg.anchor), reps=7)
+            t_b16 = timeit(lambda: lowrank_scores(qp, u, v, cand, model.cfg.anchor, dtype=torch.bfloat16), reps=15)
+            rows.append({"batch": b, "hypernet_ms_per_query": 1e3 * t_net / b,
+                         "lowrank_rerank_ms_per_query": 1e3 * t_low / b,
+                         "lowrank_bf16_ms_per_query": 1e3 * t_b16 / b,
+                         "materialized_ms_per_query": 1e3 * t_mat / b,
+                         "speedup_vs_materialized": t_mat / t_low,
+                         "rerank_total_ms_per_query": 1e3 * (t_net + t_low) / b})
+    out["rerank"] = rows
+    # full search: IVF over n_gallery random unit vectors; recall of the exact QuARI top-10
+    gallery = unit(rng.standard_normal((n_gallery, e)))
+    t0 = time.perf_counter()
+    nlist = 1024
+    index = faiss.index_factory(e, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(gallery[rng.choice(n_gallery, 64 * nlist, replace=False)])
+    index.add(gallery)
+    build_s = time.perf_counter() - t0
+    queries = unit(rng.standard_normal((32, e)))
+    g_t = torch.from_numpy(gallery)
+    with torch.inference_mode():
+        exact = []
+        for i in range(len(queries)):
+            qp, u, v = model(torch.from_numpy(queries[i:i + 1]))
+            exact.append(torch.topk(lowrank_scores(qp, u, v, g_t, model.cfg.anchor)[0], 10).indices.numpy())
+    exact = np.stack(exact)
+    search_rows = []
+    for nprobe in (16, 64):
+        index.nprobe = nprobe
+        for overfetch in (10, 50):
+            t0 = time.perf_counter()
+            _, lab = quari_search(model, index, gallery, queries, k=10, overfetch=overfetch, batch=32)
+            dt = time.perf_counter() - t0
+            rec = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(lab, exact)])
+            search_rows.append({"nprobe": nprobe, "overfetch": overfetch, "queries_per_s": len(queries) / dt,
+                                "recall@10_of_exact_quari": rec})
+    out["full_search"] = {"gallery": n_gallery, "index": f"IVF{nlist},Flat", "build_s": build_s, "rows": search_rows}
+    return out
+
+
+def render_md(data: dict) -> str:
+    md = ["# QuARI (issue 7)", ""]
+    for key in ("accuracy_world", "accuracy_coco"):
+        if key not in data:
+            continue
+        a = data[key]
+        md += [f"## Accuracy — {a['testbed']}", "",
+               f"`.venv/bin/python bench/bench_quari.py accuracy --testbed {key.split('_')[1]}` "
+               f"(hypernetwork {a['model']}, {a['epochs']} epochs)", ""]
+        cols = ["R@1", "R@5", "R@10", "mAP@10", "nDCG@10", "MRR"]
+        rows = [{"method": k, **{c: v[c] * (100 if c == "MRR" else 1) for c in cols},
+                 "train s": a["train_seconds"].get(k, 0.0)} for k, v in a["rows"].items()]
+        md += [md_table(rows, ["method", *cols, "train s"], {c: ".2f" for c in [*cols, "train s"]}), "",
+               f"QuARI − zero-shot: {a['quari_gain_r1']:+.2f} R@1. Ablations below full QuARI: "
+               + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in a["ablations_below_full"].items()), ""]
+    if "latency" in data:
+        lat = data["latency"]
+        md += [f"## Latency (E={lat['E']}, r={lat['r']}, top-{lat['k']} re-rank, {lat['threads']} threads)", "",
+               "`.venv/bin/python bench/bench_quari.py latency` — hypernetwork: 4 layers, hidden 256, 4 steps", "",
+               md_table(lat["rerank"], list(lat["rerank"][0]), {c: ".3f" for c in lat["rerank"][0] if c != "batch"}),
+               "", f"Full search over {lat['full_search']['gallery']:,} random vectors, "
+               f"{lat['full_search']['index']} (built in {lat['full_search']['build_s']:.0f} s), 32 queries:", "",
+               md_table(lat["full_search"]["rows"], list(lat["full_search"]["rows"][0]),
+                        {"queries_per_s": ".1f", "recall@10_of_exact_quari": ".3f"}), ""]
+    return "\n".join(md)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["accuracy", "latency"])
+    ap.add_argument("--testbed", choices=["world", "coco"], default="world")
+    ap.add_argument("--encoder")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--gallery", type=int, default=1_000_000)
+    args = ap.parse_args()
+    path = RESULTS / "quari.json"
+    data = read_json(path) if path.is_file() else {}
+    for k in ("benchmark", "date", "machine"):
+        data.pop(k, None)
+    if args.what == "accuracy":
+        data[f"accuracy_{args.testbed}"] = bench_accuracy(args.testbed, args.encoder, args.epochs)
+    else:
+        data["latency"] = bench_latency(n_gallery=args.gallery)
+    write_results("quari", data, render_md(data))
+    print(render_md(data))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""``qshift quari``: train QuARI and the TA baseline from a collection's stored embeddings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from qshift.clikit import (CaptionsPerItemOpt, EncoderOpt, FormatOpt, JsonOpt, LimitOpt, StoreOpt, _collection,
+                           _handle_errors, _print_json, _store, out)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
+                  help="QuARI: query-adaptive low-rank transforms (train, TA baseline).")
+DirectionOpt = typer.Option("t2i", help="t2i (caption → image) or t2t (caption → other captions' mean).")
+
+
+def _pairs(collection: Path, encoder: str, direction: str, store: Optional[Path], fmt: str,
+           limit: Optional[int], captions_per_item: int, progress: bool):
+    from qshift.encoders import create_encoder
+    from qshift.quari.data import training_pairs
+
+    coll = _collection(collection, fmt, limit, captions_per_item, None, "train")
+    enc = create_encoder(encoder)
+    return enc, training_pairs(coll, enc, direction, _store(store), progress=progress)
+
+
+@app.command()
+@_handle_errors
+def train(collection: Path = typer.Argument(..., help="Training collection (file or folder)."),
+          encoder: str = EncoderOpt,
+          out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder (model.safetensors, quari.json; resumes)."),
+          direction: str = DirectionOpt,
+          rank: int = typer.Option(64), hidden: int = typer.Option(256), layers: int = typer.Option(4),
+          heads: int = typer.Option(4), steps: int = typer.Option(4),
+          epochs: int = typer.Option(10), batch_size: int = typer.Option(320), lr: float = typer.Option(3e-4),
+          one_step: bool = typer.Option(False, help="Ablation: no iterative generation."),
+          semi_positives: bool = typer.Option(True, help="--no-semi-positives: ablation."),
+          noise: bool = typer.Option(True, help="--no-noise: ablation."),
+          anchor: Optional[float] = typer.Option(0.8, help="T = I + a·UVᵀ (authors' code); 0 → T = UVᵀ (paper)."),
+          ta: Optional[Path] = typer.Option(None, help="Train on features projected by this TA map (TA + QuARI)."),
+          seed: int = typer.Option(0),
+          store: Optional[Path] = StoreOpt, fmt: str = FormatOpt, limit: Optional[int] = LimitOpt,
+          captions_per_item: int = CaptionsPerItemOpt, as_json: bool = JsonOpt) -> None:
+    """Train QuARI on (query, target) embedding pairs; re-running the same command resumes.
+
+    Example: `qshift quari train runs/world/train.csv -e world:mini-clip -o runs/quari`
+    """
+    from qshift.quari import QuARIConfig, QuARITrainConfig, load_ta, train_quari
+
+    enc, (q, t, tof) = _pairs(collection, encoder, direction, store, fmt, limit, captions_per_item, not as_json)
+    mcfg = QuARIConfig(dim=q.shape[1], rank=rank, hidden=hidden, layers=layers, heads=heads, steps=steps,
+                       one_step=one_step, anchor=anchor or None)
+    tcfg = QuARITrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, noise=noise,
+                            semi_positives=semi_positives, seed=seed)
+    res = train_quari(q, t, tof, mcfg, tcfg, out_dir, backbone=enc.fingerprint(), progress=not as_json,
+                      projection=None if ta is None else load_ta(ta))
+    if as_json:
+        _print_json(res)
+    else:
+        out.print(f"QuARI ({len(q)} pairs, {res['train_seconds']:.0f}s): loss "
+                  f"{res['log'][0]['loss']:.3f} → {res['log'][-1]['loss']:.3f}; → {out_dir}")
+
+
+@app.command("ta")
+@_handle_errors
+def ta_(collection: Path = typer.Argument(..., help="Training collection (file or folder)."),
+        encoder: str = EncoderOpt,
+        out_path: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
+        direction: str = DirectionOpt,
+        epochs: int = typer.Option(10), batch_size: int = typer.Option(320), lr: float = typer.Option(1e-3),
+        seed: int = typer.Option(0),
+        store: Optional[Path] = StoreOpt, fmt: str = FormatOpt, limit: Optional[int] = LimitOpt,
+        captions_per_item: int = CaptionsPerItemOpt, as_json: bool = JsonOpt) -> None:
+    """Train the static task-adaptation baseline (one linear map for queries and gallery).
+
+    Example: `qshift quari ta runs/world/train.csv -e world:mini-clip -o runs/ta.safetensors`
+    """
+    from qshift.quari import save_ta, train_ta
+
+    enc, (q, t, tof) = _pairs(collection, encoder, direction, store, fmt, limit, captions_per_item, not as_json)
+    p = train_ta(q, t, tof, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=not as_json)
+    save_ta(out_path, p, backbone=enc.fingerprint())
+    if as_json:
+        _print_json({"out": str(out_path), "pairs": len(q)})
+    else:
+        out.print(f"TA map ({len(q)} pairs) → {out_path}")

@@ -1,0 +1,139 @@
+"""Retrieval with a trained QuARI: exact full scoring, top-k re-ranking, full search on a
+FAISS index; the ``quari`` and ``ta`` benchmark methods."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qshift.errors import InputError
+from qshift.methods import RunContext
+from qshift.quari.model import QuARI
+from qshift.quari.scoring import lowrank_scores, search_vectors
+from qshift.quari.train import load_quari
+
+MODES = ("full", "rerank")
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+@torch.inference_mode()
+def quari_scores(model: QuARI, queries: np.ndarray, gallery: np.ndarray, batch: int = 64,
+                 dtype: torch.dtype | None = None) -> np.ndarray:
+    """Exact QuARI scores of every query against every gallery row (Q × N)."""
+    if gallery.shape[1] != model.cfg.dim or queries.shape[1] != model.cfg.dim:
+        raise InputError(f"quari: embeddings of dim {queries.shape[1]}/{gallery.shape[1]}, model expects "
+                         f"{model.cfg.dim}")
+    g = torch.from_numpy(np.ascontiguousarray(gallery, dtype=np.float32))
+    out = np.empty((len(queries), len(gallery)), np.float32)
+    for s in range(0, len(queries), batch):
+        qp, u, v = model(torch.from_numpy(np.ascontiguousarray(queries[s:s + batch], dtype=np.float32)))
+        out[s:s + batch] = lowrank_scores(qp, u, v, g, model.cfg.anchor, dtype=dtype).numpy()
+    return out
+
+
+@torch.inference_mode()
+def quari_rerank(model: QuARI, queries: np.ndarray, gallery: np.ndarray, candidates: np.ndarray,
+                 batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score each query's first-stage candidates (B × K indices); returns (scores, labels)
+    sorted by QuARI score."""
+    if candidates.ndim != 2 or candidates.shape[1] == 0:
+        raise InputError("quari rerank: empty candidate lists")
+    if candidates.max() >= len(gallery) or candidates.min() < 0:
+        raise InputError(f"quari rerank: candidate index out of range for a gallery of {len(gallery)}")
+    g = torch.from_numpy(np.ascontiguousarray(gallery, dtype=np.float32))
+    scores = np.empty(candidates.shape, np.float32)
+    for s in range(0, len(queries), batch):
+        qp, u, v = model(torch.from_numpy(np.ascontiguousarray(queries[s:s + batch], dtype=np.float32)))
+        cand = torch.from_numpy(candidates[s:s + batch])
+        scores[s:s + batch] = lowrank_scores(qp, u, v, g[cand], model.cfg.anchor).numpy()
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(candidates, order, 1)
+
+
+@torch.inference_mode()
+def quari_search(model: QuARI, index: Any, gallery: np.ndarray, queries: np.ndarray, k: int = 10,
+                 overfetch: int = 10, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Full search: MIPS on ``index`` (built over ``gallery``) with w = Vᵀ U q', fetch
+    k·overfetch candidates, re-score them exactly."""
+    if k < 1 or k > len(gallery):
+        raise InputError(f"quari search: k={k} must be in 1..{len(gallery)}")
+    fetch = min(len(gallery), k * overfetch)
+    out_s, out_l = [], []
+    for s in range(0, len(queries), batch):
+        q = torch.from_numpy(np.ascontiguousarray(queries[s:s + batch], dtype=np.float32))
+        qp, u, v = model(q)
+        w = search_vectors(qp, u, v, model.cfg.anchor).numpy()
+        _, cand = index.search(np.ascontiguousarray(w, dtype=np.float32), fetch)
+        cand = np.where(cand < 0, cand.max(), cand)
+        g = torch.from_numpy(gallery[cand.reshape(-1)].reshape(len(q), fetch, -1))
+        sc = lowrank_scores(qp, u, v, g, model.cfg.anchor).numpy()
+        order = np.argsort(-sc, axis=1, kind="stable")[:, :k]
+        out_s.append(np.take_along_axis(sc, order, 1))
+        out_l.append(np.take_along_axis(cand, order, 1))
+    return np.concatenate(out_s), np.concatenate(out_l)
+
+
+class QuARIMethod:
+    """QuARI as a benchmark method: full search or re-ranking of the top-k."""
+
+    name = "quari"
+
+    def __init__(self, checkpoint: str, mode: str = "full", k: int = 100) -> None:
+        if mode not in MODES:
+            raise InputError(f"quari: mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if not (Path(checkpoint) / "quari.json").is_file() and not Path(checkpoint).with_name("quari.json").is_file():
+            raise InputError(f"quari: {checkpoint} is not a trained QuARI folder (no quari.json)")
+        self.checkpoint, self.mode, self.k = checkpoint, mode, k
+
+    def run(self, ctx: RunContext) -> np.ndarray:
+        model, proj, _ = load_quari(self.checkpoint, expect_backbone=ctx.encoder.fingerprint())
+        q, g = ctx.encode_queries(), ctx.gallery
+        if proj is not None:
+            q, g = _normalize(q @ proj.T), _normalize(g @ proj.T)
+        if self.mode == "full":
+            return quari_scores(model, q, g)
+        first = q @ g.T
+        k = min(self.k, g.shape[0])
+        cand = np.argpartition(-first, k - 1, axis=1)[:, :k]
+        s, lab = quari_rerank(model, q, g, cand)
+        out = first - 4.0                      # outside the top-k: first-stage order, below every candidate
+        np.put_along_axis(out, lab, s + 4.0, axis=1)
+        return out
+
+
+class TAMethod:
+    """The static task-adaptation baseline: score = cos(P q, P d)."""
+
+    name = "ta"
+
+    def __init__(self, checkpoint: str) -> None:
+        self.checkpoint = checkpoint
+
+    def run(self, ctx: RunContext) -> np.ndarray:
+        p = load_ta(self.checkpoint)
+        return _normalize(ctx.encode_queries() @ p.T) @ _normalize(ctx.gallery @ p.T).T
+
+
+def save_ta(path: str | Path, projection: np.ndarray, backbone: str = "") -> None:
+    from safetensors.numpy import save_file
+
+    from qshift.io import atomic_path
+
+    with atomic_path(Path(path), suffix=".safetensors") as tmp:
+        save_file({"ta_projection": np.ascontiguousarray(projection, dtype=np.float32)}, str(tmp),
+                  metadata={"backbone": backbone})
+
+
+def load_ta(path: str | Path) -> np.ndarray:
+    from safetensors.numpy import load_file
+
+    if not Path(path).is_file():
+        raise InputError(f"ta: {path} not found")
+    return load_file(str(path))["ta_projection"]
+

@@ -1,0 +1,256 @@
+"""Training QuARI and the static task-adaptation baseline from stored embeddings only
+(no encoder in the loop) — QuARI §3.3.
+
+* Pairs (q_i, d_i): a query embedding and its target embedding (T2I: a caption and
+  its image; T2T: a caption and the mean of the item's other captions). Each epoch uses
+  one query per target, so a batch never holds the same target twice.
+* Query noise (Eq. 8, after LinCIR): q ← q + U[0,1]·ε before normalisation. The paper's
+  ε ~ N(0, I) is relative to unnormalised CLIP features; qshift's embeddings are unit
+  vectors, so ε ~ N(0, σ²I) with σ = ``noise_std`` (default 1/√E: ‖ε‖ ≈ ‖q‖).
+* Semi-positives (Eq. 10): for every target its 100 nearest targets (FAISS, backbone
+  space, itself excluded); the top 2 join the batch's candidate columns with weight
+  α = softmax(cos / τ_sp) over the 100 (τ_sp = the contrastive τ; the paper does not
+  give one).
+* Loss (Eq. 9–10): S_ij = cos(q'_i, T_i d_j) / τ (τ = 0.07) over the batch's targets and
+  semi-positives, symmetric: rows over all candidate columns with targets α, columns
+  over the batch's queries for the positives.
+* AdamW (weight decay 1e-2) with a cosine schedule. The paper's rate (1e-5 → 2e-7) is for
+  millions of pairs; with thousands, qshift defaults to 3e-4 → 3e-6 (documented choice).
+
+The TA baseline is one linear map P (E × E, identity at the start) applied to queries
+and gallery alike, trained with the symmetric InfoNCE on the same pairs; "TA + QuARI"
+trains QuARI on P-projected features.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qshift.errors import CheckpointMismatchError, InputError
+from qshift.io import atomic_path, read_json, write_json
+from qshift.progress import progress_bar
+from qshift.quari.model import QuARI, QuARIConfig
+from qshift.quari.scoring import lowrank_scores
+
+
+@dataclass(frozen=True)
+class QuARITrainConfig:
+    epochs: int = 10
+    batch_size: int = 320
+    lr: float = 3e-4
+    lr_min: float = 3e-6
+    weight_decay: float = 1e-2
+    temperature: float = 0.07
+    noise: bool = True
+    noise_std: float | None = None
+    semi_positives: bool = True
+    n_neighbors: int = 100
+    n_semi: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2:
+            raise InputError(f"quari train: epochs >= 1 and batch_size >= 2 needed, got {self.epochs}, "
+                             f"{self.batch_size}")
+        if not 0 < self.lr < 1:
+            raise InputError(f"quari train: lr must be in (0, 1), got {self.lr}")
+
+    @staticmethod
+    def from_dict(d: dict) -> "QuARITrainConfig":
+        known = {f.name for f in fields(QuARITrainConfig)}
+        if set(d) - known:
+            raise InputError(f"quari train: unknown keys {sorted(set(d) - known)}; known: {sorted(known)}")
+        return QuARITrainConfig(**d)
+
+
+def check_pairs(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray) -> None:
+    for name, arr in (("queries", queries), ("targets", targets)):
+        if arr.ndim != 2:
+            raise InputError(f"quari: {name} must be a 2-D array, got shape {arr.shape}")
+        bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))
+        if bad.size:
+            raise InputError(f"quari: {name} rows {bad[:10].tolist()} contain NaN/inf")
+    if queries.shape[1] != targets.shape[1]:
+        raise InputError(f"quari: query dim {queries.shape[1]} ≠ target dim {targets.shape[1]}")
+    if len(target_of) != len(queries) or (len(target_of) and (target_of.min() < 0 or target_of.max() >= len(targets))):
+        raise InputError("quari: target_of must give a valid target index for every query")
+
+
+def semi_positives(targets: np.ndarray, n_neighbors: int, n_semi: int, tau: float) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``n_semi`` neighbours of every target (itself excluded) and their weights α."""
+    import faiss
+
+    k = min(n_neighbors + 1, len(targets))
+    index = faiss.IndexFlatIP(targets.shape[1])
+    index.add(np.ascontiguousarray(targets, dtype=np.float32))
+    sims, idx = index.search(np.ascontiguousarray(targets, dtype=np.float32), k)
+    own = idx == np.arange(len(targets))[:, None]
+    sims = np.where(own, -np.inf, sims)
+    order = np.argsort(-sims, axis=1, kind="stable")
+    sims, idx = np.take_along_axis(sims, order, 1)[:, : k - 1], np.take_along_axis(idx, order, 1)[:, : k - 1]
+    w = torch.softmax(torch.from_numpy(sims / tau), dim=1).numpy()
+    return idx[:, :n_semi], w[:, :n_semi].astype(np.float32)
+
+
+def quari_loss(model: QuARI, q: torch.Tensor, d: torch.Tensor, semi: torch.Tensor | None,
+               alpha: torch.Tensor | None, tau: float) -> torch.Tensor:
+    """Eq. 9–10 for one batch: q, d (B × E); semi (B·n_semi × E) with weights alpha (B × n_semi)."""
+    b = len(q)
+    qp, u, v = model(q)
+    cols = d if semi is None else torch.cat([d, semi])
+    s = lowrank_scores(qp, u, v, cols, model.cfg.anchor) / tau                        # S_ij = cos(q'_i, T_i d_j) / τ
+    target = torch.zeros_like(s)
+    target[torch.arange(b), torch.arange(b)] = 1.0                    # α_ii = 1
+    if semi is not None and alpha is not None:
+        n = alpha.shape[1]
+        rows = torch.arange(b).repeat_interleave(n)
+        target[rows, b + torch.arange(b * n)] = alpha.reshape(-1)      # α_ij = w_ij for semi-positives
+    row = -(target * s.log_softmax(dim=1)).sum(1)                     # − Σ_j α_ij log p_ij
+    col = -s[:, :b].log_softmax(dim=0).diagonal()                     # − log q_ii (over the batch's queries)
+    return (row.sum() + col.sum()) / (2 * b)
+
+
+def train_quari(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray, model_cfg: QuARIConfig,
+                cfg: QuARITrainConfig, out_dir: str | Path, *, backbone: str = "", progress: bool = True,
+                projection: np.ndarray | None = None) -> dict:
+    """Train (or resume) QuARI; writes ``model.safetensors`` + ``quari.json`` into ``out_dir``."""
+    check_pairs(queries, targets, target_of)
+    if model_cfg.dim != queries.shape[1]:
+        raise InputError(f"quari: model dim {model_cfg.dim} ≠ embedding dim {queries.shape[1]}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if projection is not None:
+        queries, targets = _project(queries, projection), _project(targets, projection)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = QuARI(model_cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    qt, dt = torch.from_numpy(queries.astype(np.float32)), torch.from_numpy(targets.astype(np.float32))
+    sp_idx = sp_w = None
+    if cfg.semi_positives and len(targets) > cfg.n_semi + 1:
+        sp_idx, sp_w = semi_positives(targets, cfg.n_neighbors, cfg.n_semi, cfg.temperature)
+    by_target = [np.flatnonzero(target_of == t) for t in range(len(targets))]
+    usable = np.array([t for t in range(len(targets)) if len(by_target[t])])
+    steps_per_epoch = max(1, len(usable) // cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    sigma = cfg.noise_std if cfg.noise_std is not None else 1.0 / math.sqrt(model_cfg.dim)
+    state_path, log, start = out_dir / "state.pt", [], 0
+    if state_path.is_file():
+        st = torch.load(state_path, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        start, log = st["epoch"], st["log"]
+    step = start * steps_per_epoch
+    for epoch in range(start, cfg.epochs):
+        rng = np.random.default_rng([cfg.seed, epoch])
+        order = rng.permutation(usable)
+        t0, losses = time.perf_counter(), []
+        model.train()
+        with progress_bar(f"quari epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch, progress) as bar:
+            for b in range(steps_per_epoch):
+                tgt = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                qi = np.array([rng.choice(by_target[t]) for t in tgt])
+                q = qt[qi]
+                if cfg.noise:                                               # Eq. 8
+                    q = q + torch.rand(len(q), 1) * sigma * torch.randn_like(q)
+                q = F.normalize(q, dim=-1)
+                semi = alpha = None
+                if sp_idx is not None:
+                    semi = dt[sp_idx[tgt].reshape(-1)]
+                    alpha = torch.from_numpy(sp_w[tgt])
+                for g in opt.param_groups:                                  # cosine schedule
+                    g["lr"] = cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * step / max(1, total)))
+                loss = quari_loss(model, q, dt[tgt], semi, alpha, cfg.temperature)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+                step += 1
+                bar.advance(1)
+        log.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0})
+        with atomic_path(state_path) as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "log": log}, tmp)
+    save_quari(model, out_dir, backbone, cfg, projection, log)
+    return {"log": log, "train_seconds": sum(r["seconds"] for r in log)}
+
+
+def _project(x: np.ndarray, p: np.ndarray) -> np.ndarray:
+    y = x @ p.T
+    return (y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def save_quari(model: QuARI, out_dir: Path, backbone: str, cfg: QuARITrainConfig | None,
+               projection: np.ndarray | None, log: list) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if projection is not None:
+        tensors["ta_projection"] = torch.from_numpy(np.ascontiguousarray(projection, dtype=np.float32))
+    with atomic_path(out_dir / "model.safetensors", suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    write_json(out_dir / "quari.json", {"model": model.cfg.to_dict(), "train": asdict(cfg) if cfg else None,
+                                        "backbone": backbone, "log": log})
+
+
+def load_quari(path: str | Path, expect_backbone: str | None = None) -> tuple[QuARI, np.ndarray | None, dict]:
+    """A trained QuARI (and its TA projection, if trained on projected features)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    meta = read_json(folder / "quari.json")
+    if expect_backbone is not None and meta.get("backbone") and meta["backbone"] != expect_backbone:
+        raise CheckpointMismatchError(f"{folder}: QuARI was trained on embeddings of {meta['backbone']}, "
+                                      f"not {expect_backbone}")
+    model = QuARI(QuARIConfig(**meta["model"]))
+    state = load_file(str(folder / "model.safetensors"))
+    proj = state.pop("ta_projection", None)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointMismatchError(f"{folder}: weights do not match quari.json ({str(exc)[:200]})") from None
+    model.eval()
+    return model, None if proj is None else proj.numpy(), meta
+
+
+def train_ta(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray, epochs: int = 10,
+             batch_size: int = 320, lr: float = 1e-3, temperature: float = 0.07, seed: int = 0,
+             progress: bool = False) -> np.ndarray:
+    """The static task-adaptation baseline: one linear map P for queries and gallery."""
+    check_pairs(queries, targets, target_of)
+    torch.manual_seed(seed)
+    e = queries.shape[1]
+    p = torch.nn.Parameter(torch.eye(e))
+    opt = torch.optim.AdamW([p], lr=lr, weight_decay=0.0)
+    qt, dt = torch.from_numpy(queries.astype(np.float32)), torch.from_numpy(targets.astype(np.float32))
+    by_target = [np.flatnonzero(target_of == t) for t in range(len(targets))]
+    usable = np.array([t for t in range(len(targets)) if len(by_target[t])])
+    with progress_bar("train TA", epochs, progress) as bar:
+        for epoch in range(epochs):
+            rng = np.random.default_rng([seed, epoch])
+            order = rng.permutation(usable)
+            for b in range(max(1, len(order) // batch_size)):
+                tgt = order[b * batch_size:(b + 1) * batch_size]
+                qi = np.array([rng.choice(by_target[t]) for t in tgt])
+                zq = F.normalize(qt[qi] @ p.T, dim=-1)
+                zd = F.normalize(dt[tgt] @ p.T, dim=-1)
+                s = zq @ zd.T / temperature
+                lab = torch.arange(len(tgt))
+                loss = (F.cross_entropy(s, lab) + F.cross_entropy(s.T, lab)) / 2
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            bar.advance(1)
+    return p.detach().numpy()
+
+
+def describe(path: Path) -> str:
+    return json.dumps(read_json(path / "quari.json")["model"])

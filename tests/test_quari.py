@@ -1,0 +1,168 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from qshift.errors import CheckpointMismatchError, InputError
+from qshift.quari import (QuARI, QuARIConfig, QuARITrainConfig, load_quari, quari_rerank, quari_scores,
+                          quari_search, save_ta, train_quari, train_ta)
+from qshift.quari.scoring import (lowrank_scores, lowrank_scores_numpy, materialize, materialized_scores,
+                                  search_vectors)
+from qshift.quari.train import semi_positives
+
+
+def _unit(rng, n, e):
+    x = rng.standard_normal((n, e)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 9), st.integers(2, 12), st.integers(1, 6), st.integers(0, 10_000),
+       st.sampled_from([None, 0.8, 2.0]))
+def test_lowrank_equals_materialized(b, n, e, r, seed, anchor):
+    g = torch.Generator().manual_seed(seed)
+    qp, u, v = torch.randn(b, e, generator=g), torch.randn(b, r, e, generator=g), torch.randn(b, r, e, generator=g)
+    d = torch.randn(n, e, generator=g)
+    ref = materialized_scores(qp, u, v, d, anchor)
+    assert torch.allclose(lowrank_scores(qp, u, v, d, anchor), ref, atol=1e-4)
+    assert np.allclose(lowrank_scores_numpy(qp.numpy(), u.numpy(), v.numpy(), d.numpy(), anchor), ref.numpy(),
+                       atol=1e-4)
+    per_query = d[None].expand(b, n, e)
+    assert torch.allclose(lowrank_scores(qp, u, v, per_query, anchor), ref, atol=1e-4)
+    # the numerator is linear in d: MIPS with w ranks like q'ᵀ T d
+    w = search_vectors(qp, u, v, anchor)
+    t = materialize(u, v, anchor)
+    assert torch.allclose(d @ w.T, torch.einsum("be,bef,nf->nb", qp, t, d), atol=1e-3 * (1 + float(w.abs().max())))
+
+
+def test_half_precision_paths_agree():
+    rng = np.random.default_rng(0)
+    qp, u, v = (torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for s in ((3, 64), (3, 8, 64), (3, 8, 64)))
+    d = torch.from_numpy(_unit(rng, 200, 64))
+    for anchor in (None, 0.8):
+        ref = lowrank_scores(qp, u, v, d, anchor)
+        for dt in (torch.bfloat16, torch.float16):
+            assert torch.allclose(lowrank_scores(qp, u, v, d, anchor, dtype=dt), ref, atol=3e-2)
+
+
+def test_model_shapes_and_bad_input():
+    cfg = QuARIConfig(dim=16, rank=4, hidden=32, layers=2, heads=2, steps=3)
+    m = QuARI(cfg)
+    qp, u, v = m(torch.randn(5, 16))
+    assert qp.shape == (5, 16) and u.shape == v.shape == (5, 4, 16)
+    assert torch.allclose(qp.norm(dim=1), torch.ones(5)) and torch.allclose(u.flatten(1).norm(dim=1), torch.ones(5))
+    with pytest.raises(InputError, match=r"shape \(B, 16\)"):
+        m(torch.randn(5, 12))
+    with pytest.raises(InputError, match="divisible"):
+        QuARIConfig(dim=16, hidden=30, heads=4)
+    with pytest.raises(InputError, match="empty candidate"):
+        lowrank_scores(qp, u, v, torch.zeros(0, 16))
+    one = QuARI(QuARIConfig(dim=16, rank=4, hidden=32, layers=1, heads=2, steps=3, one_step=True))
+    assert one.n_steps == 1 and m.n_steps == 3
+
+
+def test_semi_positives_exclude_self_and_weights():
+    rng = np.random.default_rng(1)
+    t = _unit(rng, 50, 8)
+    idx, w = semi_positives(t, 10, 2, 0.07)
+    assert idx.shape == (50, 2) and (idx != np.arange(50)[:, None]).all()
+    sims = (t[:, None] * t[idx]).sum(-1)
+    assert (sims[:, 0] >= sims[:, 1] - 1e-6).all() and (w[:, 0] >= w[:, 1]).all() and (w > 0).all()
+
+
+def _toy(rng, n=200, e=16, k=2, info=4):
+    """Query and target share ``info`` informative dimensions; the other dimensions are
+    independent nuisance on each side, so raw cosine is poor and learning to drop them
+    (a static map, or a query-adaptive one) helps."""
+    z = rng.standard_normal((n, info)).astype(np.float32)
+    target_of = np.repeat(np.arange(n), k)
+    targets = np.concatenate([z, 1.5 * rng.standard_normal((n, e - info))], 1).astype(np.float32)
+    queries = np.concatenate([z[target_of] + 0.2 * rng.standard_normal((n * k, info)),
+                              1.5 * rng.standard_normal((n * k, e - info))], 1).astype(np.float32)
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    return unit(queries), unit(targets), target_of
+
+
+def test_training_learns_and_checkpoints(tmp_path):
+    rng = np.random.default_rng(0)
+    q, t, tof = _toy(rng)
+    mcfg = QuARIConfig(dim=16, rank=4, hidden=32, layers=1, heads=2, steps=2)
+    res = train_quari(q, t, tof, mcfg, QuARITrainConfig(epochs=80, batch_size=50, lr=3e-3, n_neighbors=10),
+                      tmp_path / "run", backbone="enc#1", progress=False)
+    assert res["log"][-1]["loss"] < res["log"][0]["loss"] * 0.8
+    model, proj, meta = load_quari(tmp_path / "run", expect_backbone="enc#1")
+    assert proj is None and meta["backbone"] == "enc#1"
+    qs = q[::2]  # one query per target
+    zero = (qs @ t.T).argmax(1)
+    learned = quari_scores(model, qs, t).argmax(1)
+    assert (learned == np.arange(len(t))).mean() > (zero == np.arange(len(t))).mean() + 0.15
+    with pytest.raises(CheckpointMismatchError, match="enc#1"):
+        load_quari(tmp_path / "run", expect_backbone="other#2")
+    # rerank and full search agree with exact full scores on their top-1
+    full = quari_scores(model, qs[:20], t)
+    _, lab = quari_rerank(model, qs[:20], t, np.argsort(-full, 1)[:, :30])
+    assert (lab[:, 0] == full.argmax(1)).all()
+    import faiss
+
+    ix = faiss.IndexFlatIP(16)
+    ix.add(t)
+    _, lab = quari_search(model, ix, t, qs[:20], k=5, overfetch=80)  # over-fetch = whole gallery
+    assert (lab[:, 0] == full.argmax(1)).all()
+
+
+def test_bad_training_input(tmp_path):
+    rng = np.random.default_rng(0)
+    q, t, tof = _toy(rng, n=20)
+    q[5, 3] = np.nan
+    with pytest.raises(InputError, match=r"queries rows \[5\]"):
+        train_quari(q, t, tof, QuARIConfig(dim=16, rank=2, hidden=16, layers=1, heads=2), QuARITrainConfig(),
+                    tmp_path, progress=False)
+    with pytest.raises(InputError, match="model dim 8"):
+        q, t, tof = _toy(rng, n=20)
+        train_quari(q, t, tof, QuARIConfig(dim=8, rank=2, hidden=16, layers=1, heads=2), QuARITrainConfig(),
+                    tmp_path, progress=False)
+    with pytest.raises(InputError, match="out of range"):
+        m = QuARI(QuARIConfig(dim=16, rank=2, hidden=16, layers=1, heads=2))
+        quari_rerank(m, q[:2], t, np.array([[0, 99], [1, 2]]))
+    with pytest.raises(InputError, match="k=50"):
+        quari_search(m, None, t, q[:2], k=50)
+
+
+def test_ta_baseline_and_methods(tmp_path):
+    rng = np.random.default_rng(2)
+    q, t, tof = _toy(rng, n=200)
+    p = train_ta(q, t, tof, epochs=40, batch_size=50, lr=1e-2)
+    zs = ((q[::2] @ t.T).argmax(1) == np.arange(200)).mean()
+    pq = q[::2] @ p.T
+    pt = t @ p.T
+    ta = ((pq / np.linalg.norm(pq, axis=1, keepdims=True)) @ (pt / np.linalg.norm(pt, axis=1, keepdims=True)).T)
+    assert (ta.argmax(1) == np.arange(200)).mean() > zs + 0.2  # dropping the nuisance dimensions helps
+    save_ta(tmp_path / "ta.safetensors", p)
+    from qshift.methods import create_method
+
+    assert create_method({"name": "ta", "checkpoint": str(tmp_path / "ta.safetensors")}).name == "ta"
+    with pytest.raises(InputError, match="not a trained QuARI"):
+        create_method({"name": "quari", "checkpoint": str(tmp_path)})
+
+
+def test_cli_train_ta_and_quari_from_store(image_collection, tmp_path):
+    from typer.testing import CliRunner
+
+    from qshift.cli import app
+    from qshift.quari.search import load_ta
+
+    run = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
+    common = ["-e", "openclip:qshift-tiny-vit", "--store", tmp_path / "store", "--json"]
+    r = run("quari", "ta", image_collection, "-o", tmp_path / "ta.safetensors", "--epochs", "2", "--batch-size", "4",
+            *common)
+    assert r.exit_code == 0, r.output
+    assert load_ta(tmp_path / "ta.safetensors").shape[0] == load_ta(tmp_path / "ta.safetensors").shape[1]
+    small = ["--rank", "2", "--hidden", "16", "--layers", "1", "--heads", "2", "--steps", "2", "--epochs", "2",
+             "--batch-size", "4"]
+    r = run("quari", "train", image_collection, "-o", tmp_path / "q", *small, "--ta", tmp_path / "ta.safetensors",
+            *common)
+    assert r.exit_code == 0, r.output
+    model, proj, meta = load_quari(tmp_path / "q")
+    assert proj is not None and meta["backbone"].startswith("openclip:qshift-tiny-vit") and model.cfg.rank == 2
+    r = run("quari", "train", image_collection, "-o", tmp_path / "q2", "--direction", "i2t", *common)
+    assert r.exit_code != 0 and "direction must be one of t2i, t2t" in r.output
