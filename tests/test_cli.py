@@ -69,3 +69,13 @@ def test_search_refuses_index_from_another_encoder(image_collection, tmp_path):
 def test_help_has_examples():
     r = _run("encode", "--help")
     assert r.exit_code == 0 and "Example" in r.output
+
+
+def test_adapt_command_compares_with_zero_shot(image_collection, tmp_path):
+    r = _run("adapt", image_collection, "-e", ENC, "-m", "tent", "-s", "keyboard", "--severity", "2",
+             "--batch-size", "8", "--steps", "1", "--store", tmp_path / "store", "-o", tmp_path / "run", "--json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)["r1"]
+    assert set(rows) == {"clean", "keyboard s2"} and set(rows["clean"]) == {"zero-shot", "tent"}
+    r = _run("adapt", image_collection, "-e", ENC, "-m", "tenet", "--store", tmp_path / "store")
+    assert r.exit_code != 0 and "tenet" in r.output

@@ -263,6 +263,58 @@ def bench(config: Path = typer.Argument(..., help="Benchmark config (.yaml/.yml/
         out.print(f"results → {info['results']}" + (f"; report → {out_path / 'report.md'}" if report else ""))
 
 
+@app.command()
+@_handle_errors
+def adapt(collection: str = typer.Argument(..., help="Collection: a path, `world:test` or `shared:REL/PATH`."),
+          encoder: str = EncoderOpt,
+          method: str = typer.Option("rest", "--method", "-m", help="tent, eata, sar, read, deyo, tcr or rest."),
+          direction: str = typer.Option("t2i", help="t2i / t2t (the text tower adapts) or i2t (the image tower)."),
+          shift: str = typer.Option("clean", "--shift", "-s", help="Corruption name(s), comma-separated, or "
+                                    "`text`/`image` (all); clean queries always run too."),
+          severity: int = typer.Option(5, help="Corruption severity 1–5."),
+          stream: Optional[str] = typer.Option(None, help="Also run a stream: mixed or source_share."),
+          batch_size: int = typer.Option(64), steps: int = typer.Option(3), lr: float = typer.Option(3e-4),
+          params: str = typer.Option("norm", help="Parameters to adapt: norm, last-k or lora."),
+          episodic: bool = typer.Option(False, help="Reset to the frozen model after every batch."),
+          max_queries: Optional[int] = typer.Option(None, help="A random subset of N queries."),
+          out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default: "
+                                                 "runs/adapt/METHOD)."),
+          store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt) -> None:
+    """Adapt the query encoder online on shifted queries and compare with the frozen encoder.
+
+    Runs zero-shot and METHOD over the same query stream (batches of `--batch-size`, `--steps`
+    updates each); the gallery stays fixed. Example:
+    `qshift adapt world:test -e world:mini-clip -m rest -s keyboard,ocr --severity 5`
+    """
+    from qshift.benchmark import BenchConfig, run_benchmark
+
+    shifts = ["clean", *[s.strip() for s in shift.split(",") if s.strip() and s.strip() != "clean"]]
+    cfg = BenchConfig(name=f"adapt-{method}", encoder=encoder, collection=collection, direction=direction,
+                      shifts=shifts, severities=[severity], stream_severities=[severity],
+                      streams=[stream] if stream else [], max_queries=max_queries, batch_size=batch_size,
+                      methods=["zero-shot", {"name": method, "steps": steps, "lr": lr, "params": params,
+                                             "episodic": episodic}])
+    res = run_benchmark(cfg, out_dir or Path("runs") / "adapt" / method, _store(store) if store else None,
+                        progress=not as_json)
+    import json as _json
+
+    cells = [_json.loads(line) for line in (res / "cells.jsonl").read_text().splitlines()]
+    rows: dict[str, dict[str, float]] = {}
+    for c in cells:
+        key = c["shift"] if c["severity"] == 0 else f"{c['shift']} s{c['severity']}"
+        rows.setdefault(key, {})[c["method"]] = c["metrics"]["R@1"]
+    if as_json:
+        _print_json({"results": str(res / "results.csv"), "r1": rows})
+        return
+    table = Table(title=f"R@1 · {collection} · {encoder} · {direction.upper()} · {method}")
+    for col in ("queries", "zero-shot", method, "Δ"):
+        table.add_column(col, justify="left" if col == "queries" else "right")
+    for key, r in rows.items():
+        table.add_row(key, f"{r['zero-shot']:.2f}", f"{r[method]:.2f}", f"{r[method] - r['zero-shot']:+.2f}")
+    out.print(table)
+    out.print(f"results → {res / 'results.csv'}")
+
+
 @app.command("report")
 @_handle_errors
 def report_(results: list[Path] = typer.Argument(..., help="Results folder(s) written by `qshift bench`."),

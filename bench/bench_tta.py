@@ -1,0 +1,220 @@
+"""Online test-time adaptation under query shift (issue 6).
+
+    .venv/bin/python bench/bench_tta.py grid --config bench/configs/tta-world-t2i.yaml
+    .venv/bin/python bench/bench_tta.py grid --config bench/configs/tta-world-batch.yaml
+    .venv/bin/python bench/bench_tta.py forgetting --encoder world:mini-clip
+    .venv/bin/python bench/bench_tta.py cost --encoder world:mini-clip
+
+``grid`` runs a config through the benchmark runner (resumable; report + PNGs in the run
+folder) and summarises it: R@1 per corruption at severity 5, the mean, the streams, and
+the issue's targets. ``forgetting`` adapts along the mixed stream, then scores the clean
+queries with the adapted encoder. ``cost`` times one adaptation step against the
+forward-only encode of the same 64-query batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, md_table, timeit, write_results  # noqa: E402
+
+from qshift.io import read_json  # noqa: E402
+
+METHODS = ["tent", "eata", "sar", "read", "deyo", "tcr", "rest"]
+
+
+def bench_grid(config: Path) -> dict:
+    import json
+
+    from qshift.benchmark import load_config, run_benchmark
+    from qshift.report import write_report
+
+    cfg = load_config(config)
+    out = run_benchmark(cfg, progress=True)
+    write_report([out], out)
+    for png in out.glob("*.png"):
+        shutil.copy(png, RESULTS / f"tta_{cfg.name}_{png.name}")
+    cells = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
+    table: dict[str, dict[str, float]] = {}
+    streams: dict[str, dict] = {}
+    for c in cells:
+        if c["shift"].startswith("stream:"):
+            streams.setdefault(c["shift"], {})[c["method"]] = {
+                "R@1": c["metrics"]["R@1"], "curve_r1": c["curve_r1"], "per_shift_r1": c.get("per_shift_r1", {}),
+                "queries_per_s": c["queries_per_s"]}
+        else:
+            table.setdefault(c["method"], {})[c["shift"] if c["severity"] == 0 else c["shift"]] = c["metrics"]["R@1"]
+    corrs = sorted({c["shift"] for c in cells if not c["shift"].startswith("stream:") and c["shift"] != "clean"})
+    summary: dict = {"config": str(config), "run": str(out), "r1": table, "streams": streams, "corruptions": corrs}
+    if corrs and "zero-shot" in table:
+        means = {m: float(np.mean([v[c] for c in corrs])) for m, v in table.items() if all(c in v for c in corrs)}
+        summary["mean_r1"] = means
+        zs = table["zero-shot"]
+        if "rest" in table:
+            rest = table["rest"]
+            baselines = [m for m in means if m not in ("zero-shot", "rest", "tcr")]
+            summary["targets"] = {
+                "rest_minus_zero_shot_mean": means["rest"] - means["zero-shot"],
+                "rest_ge_every_baseline_mean": all(means["rest"] >= means[m] for m in baselines),
+                "worst_rest_minus_zero_shot": min(rest[c] - zs[c] for c in corrs),
+                "corruptions_where_rest_loses_over_1": [c for c in corrs if rest[c] < zs[c] - 1],
+            }
+    return summary
+
+
+def bench_forgetting(encoder: str, max_queries: int, methods: list[str]) -> dict:
+    """Adapt (continual mode) along the mixed text stream, then score the clean queries."""
+    from qshift.adapt import create_adapter
+    from qshift.benchmark import BenchConfig, Grid
+    from qshift.paths import cache_dir
+    from qshift.store import EmbeddingStore
+
+    cfg = BenchConfig(name="tta-forgetting", encoder=encoder, collection="world:test", direction="t2i",
+                      shifts=["text"], severities=[], streams=["mixed"], max_queries=max_queries)
+    grid = Grid(cfg, Path("runs/bench/tta-forgetting"), EmbeddingStore(cache_dir() / "store"), progress=False)
+    items = grid._stream("mixed", 0)
+    raw, _, _ = grid._stream_queries(items, 0)
+    clean = grid.raw_queries
+    labels = grid.qrels.indices  # one positive per T2I query
+    zs = float(((grid.clean_queries @ grid.gallery.T).argmax(1) == labels).mean() * 100)
+    out = {"zero-shot": {"clean_r1_after": zs}}
+    for m in methods:
+        ad = create_adapter(grid.encoder, grid.gallery, "t2i", m, source_texts=grid.source_texts)
+        try:
+            stream_scores = ad.run(raw)
+            clean_scores = np.concatenate([_encode_adapted(ad, clean[i:i + 256]) for i in range(0, len(clean), 256)])
+        finally:
+            ad.close()
+        stream_lab = np.array([labels[it.query] for it in items])
+        out[m] = {"clean_r1_after": float((clean_scores.argmax(1) == labels).mean() * 100),
+                  "stream_r1": float((stream_scores.argmax(1) == stream_lab).mean() * 100),
+                  "resets": ad.stats["resets"]}
+        out[m]["forgetting"] = zs - out[m]["clean_r1_after"]
+    return out
+
+
+def _encode_adapted(adapter, texts: list[str]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        q = adapter.forward(adapter.prepare(texts).inputs)
+        return (q @ adapter.gallery.T).numpy()
+
+
+def bench_cost(encoder: str, reps: int = 5) -> dict:
+    """Seconds for one 64-query batch: frozen forward vs one adaptation step (per method)."""
+    import torch
+
+    from qshift.adapt import create_adapter
+    from qshift.benchmark import BenchConfig, Grid
+    from qshift.paths import cache_dir
+    from qshift.store import EmbeddingStore
+
+    cfg = BenchConfig(name="tta-cost", encoder=encoder, collection="world:test", direction="t2i", max_queries=256)
+    grid = Grid(cfg, Path("runs/bench/tta-cost"), EmbeddingStore(cache_dir() / "store"), progress=False)
+    texts = list(grid.raw_queries[:64])
+    rows = []
+    ad0 = create_adapter(grid.encoder, grid.gallery, "t2i", "tent")
+    batch = ad0.prepare(texts)
+
+    def forward_only() -> None:
+        with torch.no_grad():
+            q = ad0.forward(batch.inputs)
+            _ = q @ ad0.gallery.T
+
+    t_fwd = timeit(forward_only, reps=reps * 2)
+    ad0.close()
+    for m in METHODS:
+        ad = create_adapter(grid.encoder, grid.gallery, "t2i", m, source_texts=grid.source_texts, steps=1)
+        try:
+            b = ad.prepare(texts)
+            ad.adapt_batch(b)  # warm-up (fills TCR/REST queues)
+            t_step = timeit(lambda: ad.adapt_batch(b), reps=reps)
+        finally:
+            ad.close()
+        # adapt_batch(steps=1) = frozen forward + 1 step (forward + backward + update) + the ranking forward
+        rows.append({"method": m, "batch_s": t_step, "ratio_vs_forward": t_step / t_fwd,
+                     "queries_per_s_3_steps": 64 / (t_step + 2 * (t_step - 2 * t_fwd))})
+    return {"batch": 64, "forward_s": t_fwd, "zero_shot_queries_per_s": 64 / t_fwd, "rows": rows}
+
+
+def render_md(data: dict) -> str:
+    md = ["# Online TTA under query shift (issue 6)", ""]
+    for key, g in data.get("grids", {}).items():
+        md += [f"## {key}", "", f"`.venv/bin/python bench/bench_tta.py grid --config {g['config']}` "
+               f"(report with plots: `{g['run']}/report.md`)", ""]
+        corrs = g["corruptions"]
+        if corrs:
+            rows = [{"method": m, **{c[:10]: v.get(c, float('nan')) for c in corrs},
+                     "mean": g.get("mean_r1", {}).get(m, float("nan")), "clean": v.get("clean", float("nan"))}
+                    for m, v in g["r1"].items()]
+            cols = ["method", *[c[:10] for c in corrs], "mean", "clean"]
+            md += ["R@1 at severity 5 (columns: corruption types)", "",
+                   md_table(rows, cols, {c: ".1f" for c in cols[1:]}), ""]
+            png = f"tta_{key}_r1_per_type.png"
+            if (RESULTS / png).is_file():
+                md += [f"![per type]({png})", ""]
+        for s, per in g["streams"].items():
+            md += [f"Stream `{s}` (R@1 over the whole stream; curve = R@1 in 10 windows along the stream):", "",
+                   md_table([{"method": m, "R@1": v["R@1"], "curve": " ".join(f"{x:.0f}" for x in v["curve_r1"]),
+                              "queries/s": v["queries_per_s"]} for m, v in per.items()],
+                            ["method", "R@1", "curve", "queries/s"], {"R@1": ".2f", "queries/s": ".0f"}), ""]
+        png = f"tta_{key}_adaptation_curve.png"
+        if (RESULTS / png).is_file():
+            md += [f"![curve]({png})", ""]
+        if "targets" in g:
+            t = g["targets"]
+            md += [f"Targets: REST − zero-shot on the mean = {t['rest_minus_zero_shot_mean']:+.2f} (goal ≥ +3); "
+                   f"REST ≥ every baseline on the mean: {t['rest_ge_every_baseline_mean']}; worst corruption "
+                   f"REST − zero-shot = {t['worst_rest_minus_zero_shot']:+.2f} (goal ≥ −1; losing more on: "
+                   f"{', '.join(t['corruptions_where_rest_loses_over_1']) or 'none'})", ""]
+    if "forgetting" in data:
+        f = data["forgetting"]
+        md += ["## Forgetting: clean R@1 after adapting along the mixed stream (continual mode)", "",
+               md_table([{"method": m, **v} for m, v in f.items()],
+                        ["method", "stream_r1", "clean_r1_after", "forgetting", "resets"],
+                        {"stream_r1": ".2f", "clean_r1_after": ".2f", "forgetting": "+.2f"}), ""]
+    if "cost" in data:
+        c = data["cost"]
+        md += [f"## Cost (64-query batch; frozen forward + score: {1e3 * c['forward_s']:.1f} ms, "
+               f"{c['zero_shot_queries_per_s']:.0f} queries/s)", "",
+               "`adapt_batch` with one step = frozen forward + one update (forward, backward, step) + ranking "
+               "forward; ratio = that over the forward-only encode.", "",
+               md_table(c["rows"], ["method", "batch_s", "ratio_vs_forward", "queries_per_s_3_steps"],
+                        {"batch_s": ".4f", "ratio_vs_forward": ".2f", "queries_per_s_3_steps": ".0f"}), ""]
+    return "\n".join(md)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["grid", "forgetting", "cost"])
+    ap.add_argument("--config", type=Path)
+    ap.add_argument("--encoder", default="world:mini-clip")
+    ap.add_argument("--max-queries", type=int, default=1000)
+    args = ap.parse_args()
+    path = RESULTS / "tta.json"
+    data = read_json(path) if path.is_file() else {}
+    for k in ("benchmark", "date", "machine"):
+        data.pop(k, None)
+    t0 = time.perf_counter()
+    if args.what == "grid":
+        g = bench_grid(args.config)
+        data.setdefault("grids", {})[Path(args.config).stem] = g
+    elif args.what == "forgetting":
+        data["forgetting"] = bench_forgetting(args.encoder, args.max_queries, ["tent", "eata", "sar", "tcr", "rest"])
+    else:
+        data["cost"] = bench_cost(args.encoder)
+    write_results("tta", data, render_md(data))
+    print(render_md(data))
+    print(f"({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
