@@ -4,6 +4,7 @@ shipped models, and the per-domain recall matrix.
     .venv/bin/python bench/bench_world.py generator            # images/s per style, one core
     .venv/bin/python bench/bench_world.py models  --world W --mini-clip RUN --lit RUN
     .venv/bin/python bench/bench_world.py domains --world W --runs PREFIX   # PREFIX-<style> run folders
+    .venv/bin/python bench/bench_world.py ship --world W --run RUN   # checkpoint + card into the package
 
 The runs come from ``qshift world train`` (commands in bench/results/world.md).
 """
@@ -96,13 +97,17 @@ def bench_models(world: Path, runs: dict[str, Path]) -> dict:
     return out
 
 
-def bench_domains(world: Path, prefix: str, styles: list[str], all_run: Path | None) -> dict:
+def bench_domains(world: Path, prefix: str | None, styles: list[str], all_run: Path | None,
+                  previous: dict | None = None) -> dict:
+    """Rows for the runs found; rows of ``previous`` whose runs are absent now are kept
+    (the single-style runs may have been trained and evaluated on another machine)."""
     from qshift.world.generate import open_world
 
     w = open_world(world)
     eval_styles = [*w.config.styles, *w.config.heldout]
-    matrix, trained = {}, {}
-    sources = {s: Path(f"{prefix}-{s}") for s in styles}
+    previous = previous or {}
+    matrix, trained = dict(previous.get("matrix_t2i_r1", {})), dict(previous.get("train_seconds", {}))
+    sources = {s: Path(f"{prefix}-{s}") for s in styles} if prefix else {}
     if all_run is not None:
         sources = {"all": all_run, **sources}
     for src, run in sources.items():
@@ -113,6 +118,7 @@ def bench_domains(world: Path, prefix: str, styles: list[str], all_run: Path | N
         spec = f"world:{model}@{run / 'model.safetensors'}"
         matrix[src] = {s: evaluate(spec, world / f"test-{s}.csv")["t2i"]["R@1"] for s in eval_styles}
         trained[src] = read_json(run / "summary.json")["train_seconds"]
+    matrix = {k: matrix[k] for k in sorted(matrix, key=lambda k: k != "all")}  # the all-styles row first
     drops = {}
     for src in styles:
         if src in matrix:
@@ -120,6 +126,32 @@ def bench_domains(world: Path, prefix: str, styles: list[str], all_run: Path | N
             drops[src] = {s: own - v for s, v in matrix[src].items() if s != src}
     return {"matrix_t2i_r1": matrix, "train_seconds": trained, "drop_from_own_style": drops,
             "styles_losing_10_points": {s: sorted(k for k, d in v.items() if d >= 10) for s, v in drops.items()}}
+
+
+def ship(run: Path, world: Path) -> dict:
+    """Copy a run's checkpoint into the package (assets/world/NAME.safetensors) with its
+    card: the command that reproduces it, its training time and its measured test recall."""
+    import shutil
+
+    from qshift.io import write_json
+    from qshift.world.models import WORLD_ASSETS, shipped_checkpoint
+
+    cfg = read_json(run / "train_config.json")["train"]
+    summary = read_json(run / "summary.json")
+    name = cfg["model"]
+    WORLD_ASSETS.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run / "model.safetensors", shipped_checkpoint(name))
+    cmd = (f"qshift world train WORLD --model {name} -o RUN --epochs {cfg['epochs']} --batch-size "
+           f"{cfg['batch_size']} --lr {cfg['lr']} --seed {cfg['seed']}")
+    test = evaluate(f"world:{name}", world / "test.csv")
+    card = {"model": name, "architecture": f"qshift-{name}", "world": "qshift world generate WORLD (seed 0, "
+            "20k/1k/1k scenes, 5 training styles + held-out pixel)", "command": cmd, "train_config": cfg,
+            "train_seconds": summary["train_seconds"], "train_images": summary["images"],
+            "final_epoch": summary["final"],
+            "test": {d: {k: test[d][k] for k in ("R@1", "R@5", "R@10")} for d in ("t2i", "i2t")},
+            "checkpoint_mb": shipped_checkpoint(name).stat().st_size / 2**20}
+    write_json(WORLD_ASSETS / f"{name}.json", card)
+    return card
 
 
 def plot_matrix(matrix: dict, path: Path) -> None:
@@ -149,7 +181,8 @@ def plot_matrix(matrix: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["generator", "models", "domains"])
+    ap.add_argument("what", choices=["generator", "models", "domains", "ship"])
+    ap.add_argument("--run", type=Path, help="ship: the run folder whose checkpoint goes into the package")
     ap.add_argument("--world", type=Path)
     ap.add_argument("--mini-clip", type=Path)
     ap.add_argument("--lit", type=Path)
@@ -160,6 +193,9 @@ def main() -> None:
     path = RESULTS / "world.json"
     data = read_json(path) if path.is_file() else {}
     data.pop("benchmark", None), data.pop("date", None), data.pop("machine", None)
+    if args.what == "ship":
+        print(json.dumps(ship(args.run, args.world), indent=1))
+        return
     if args.what == "generator":
         import os
 
@@ -169,7 +205,8 @@ def main() -> None:
         runs = {k: v for k, v in (("mini-clip", args.mini_clip), ("lit-minilm", args.lit)) if v is not None}
         data["models"] = bench_models(args.world, runs)
     else:
-        data["domains"] = bench_domains(args.world, args.runs, args.styles.split(","), args.all_run)
+        data["domains"] = bench_domains(args.world, args.runs, args.styles.split(","), args.all_run,
+                                        data.get("domains"))
         plot_matrix(data["domains"]["matrix_t2i_r1"], RESULTS / "world_domains.png")
     write_results("world", data, render_md(data))
 

@@ -58,11 +58,12 @@ def generate(root: Path = typer.Argument(..., help="World directory (created, or
 def train(root: Path = typer.Argument(..., help="World directory (needs the train and val splits)."),
           model: str = typer.Option("mini-clip", help="mini-clip or lit-minilm."),
           out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder (checkpoints, log; resumes)."),
-          epochs: int = typer.Option(20), batch_size: int = typer.Option(128), lr: float = typer.Option(2e-3),
+          epochs: int = typer.Option(30), batch_size: int = typer.Option(128), lr: float = typer.Option(2e-3),
           seed: int = typer.Option(0),
           styles: Optional[str] = typer.Option(None, help="Train on these styles only (default: all)."),
           max_images: Optional[int] = typer.Option(None, help="Use only the first N training scenes."),
           bf16: bool = typer.Option(True, help="bfloat16 autocast where the CPU supports it."),
+          device: str = typer.Option("cpu", help="cpu, cuda or auto (not part of the run's config)."),
           as_json: bool = JsonOpt) -> None:
     """Train a world model contrastively; re-running the same command resumes.
 
@@ -76,7 +77,7 @@ def train(root: Path = typer.Argument(..., help="World directory (needs the trai
     show = (lambda r: None) if as_json else (lambda r: out.print(
         f"epoch {r['epoch']}: loss {r['loss']:.3f}, val T2I R@1 {r['val_t2i_R@1']:.1f}, "
         f"I2T R@1 {r['val_i2t_R@1']:.1f} ({r['seconds']:.0f}s)"))
-    summary = run_train(root, out_dir, cfg, progress=not as_json, on_epoch=show)
+    summary = run_train(root, out_dir, cfg, progress=not as_json, on_epoch=show, device=device)
     if as_json:
         _print_json(summary)
     else:

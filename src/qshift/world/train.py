@@ -2,10 +2,10 @@
 
 Two models:
 
-* ``mini-clip`` — the open_clip architecture ``qshift-mini-clip`` (ViT image tower,
-  CLIP-BPE text transformer) trained from scratch with the symmetric InfoNCE loss
+* ``mini-clip`` — the open_clip architecture ``qshift-mini-clip`` (a small ModifiedResNet
+  image tower, CLIP-BPE text transformer) trained from scratch with the symmetric InfoNCE loss
   (open_clip's ``ClipLoss``, learnable temperature clamped at 100).
-* ``lit-minilm`` — a LiT-style model: the pretrained MiniLM is frozen; the ViT image
+* ``lit-minilm`` — a LiT-style model: the pretrained MiniLM is frozen; the ResNet image
   tower and a linear text head are trained. MiniLM's sentence embeddings of the
   training captions are computed once through the embedding store.
 
@@ -44,7 +44,7 @@ STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
 @dataclass(frozen=True)
 class TrainConfig:
     model: str = "mini-clip"
-    epochs: int = 20
+    epochs: int = 30
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.1
@@ -95,13 +95,13 @@ def load_pixels(paths: list[Path], progress: bool = False) -> torch.Tensor:
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
-    return (pixels.float() / 255.0 - MEAN) / STD
+    return (pixels.float() / 255.0 - MEAN.to(pixels.device)) / STD.to(pixels.device)
 
 
 class _Model:
     """What the loop needs from either model: image/text features and the parameters."""
 
-    def __init__(self, cfg: TrainConfig, store_root: Path | None) -> None:
+    def __init__(self, cfg: TrainConfig, store_root: Path | None, device: str = "cpu") -> None:
         import open_clip
 
         import qshift.encoders.openclip  # noqa: F401 - registers qshift's model configs
@@ -120,6 +120,8 @@ class _Model:
             self.text_encoder = SentenceTransformerEncoder(lit_cfg["text_st"]["model"])
             self.net = LiTModel(lit_cfg, self.text_encoder.model)
         self.store_root = store_root
+        self.device = torch.device(device)
+        self.net.to(self.device)
 
     def params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.net.parameters() if p.requires_grad]
@@ -137,16 +139,17 @@ class _Model:
         return torch.from_numpy(store.encode(self.text_encoder, coll, "text", progress=progress).vectors)
 
     def encode_text(self, inputs: torch.Tensor) -> torch.Tensor:
+        inputs = inputs.to(self.device, non_blocking=True)
         if self.text_encoder is None:
             return self.net.encode_text(inputs)
         return self.net.project_text(inputs)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.net.encode_image(normalize(pixels))
+        return self.net.encode_image(normalize(pixels.to(self.device, non_blocking=True)))
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         sd = self.net.trained_state_dict() if hasattr(self.net, "trained_state_dict") else self.net.state_dict()
-        return {k: v.detach() for k, v in sd.items()}
+        return {k: v.detach().cpu() for k, v in sd.items()}
 
 
 def _split_data(world_dir: Path, split: str, cfg: TrainConfig, limit: int | None,
@@ -179,8 +182,8 @@ def evaluate_pair(model: _Model, pixels: torch.Tensor, text_in: torch.Tensor,
     model.net.eval()
     img = torch.cat([model.encode_image(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])
     txt = torch.cat([model.encode_text(text_in[i:i + batch]) for i in range(0, len(text_in), batch)])
-    img = torch.nn.functional.normalize(img.float(), dim=-1).numpy()
-    txt = torch.nn.functional.normalize(txt.float(), dim=-1).numpy()
+    img = torch.nn.functional.normalize(img.float(), dim=-1).cpu().numpy()
+    txt = torch.nn.functional.normalize(txt.float(), dim=-1).cpu().numpy()
     s = txt @ img.T
     k = min(10, len(img))
     item_caps = [np.flatnonzero(caption_item == i) for i in range(len(img))]
@@ -202,8 +205,14 @@ def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 def train(world_dir: str | Path, out_dir: str | Path, cfg: TrainConfig = TrainConfig(), *,
           progress: bool = True, store_root: Path | None = None,
-          on_epoch: Callable[[dict], None] | None = None) -> dict:
-    """Train (or resume training) a world model; returns the final log record."""
+          on_epoch: Callable[[dict], None] | None = None, device: str = "cpu") -> dict:
+    """Train (or resume training) a world model; returns the final log record.
+
+    ``device`` ("cpu", "cuda", "auto") only changes where the arithmetic runs; it is not
+    part of the run's config, so a run may be resumed on another device.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     world_dir, out_dir = Path(world_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = out_dir / "train_config.json"
@@ -216,7 +225,7 @@ def train(world_dir: str | Path, out_dir: str | Path, cfg: TrainConfig = TrainCo
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
-    model = _Model(cfg, store_root)
+    model = _Model(cfg, store_root, device)
     pixels, captions = _split_data(world_dir, "train", cfg, cfg.max_images, progress)
     flat = [c for caps in captions for c in caps]
     offsets = np.cumsum([0] + [len(c) for c in captions])
@@ -239,12 +248,12 @@ def train(world_dir: str | Path, out_dir: str | Path, cfg: TrainConfig = TrainCo
     start_epoch, log = 0, []
     state_path = out_dir / "state.pt"
     if state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=False, map_location=model.device)
         model.net.load_state_dict(state["model"], strict=False)
         opt.load_state_dict(state["optimizer"])
         start_epoch, log = state["epoch"], state["log"]
-        torch.set_rng_state(state["torch_rng"])
-    amp = cfg.bf16 and _has_bf16()
+        torch.set_rng_state(state["torch_rng"].cpu())
+    amp = cfg.bf16 and (model.device.type == "cuda" or _has_bf16())
 
     for epoch in range(start_epoch, cfg.epochs):
         rng = np.random.default_rng([cfg.seed, epoch])  # per epoch: a resumed run draws the same batches
@@ -258,9 +267,9 @@ def train(world_dir: str | Path, out_dir: str | Path, cfg: TrainConfig = TrainCo
                 step = epoch * steps_per_epoch + b
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(step, total, cfg)
-                idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                cap = pick[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                idx = torch.from_numpy(order[b * cfg.batch_size:(b + 1) * cfg.batch_size])
+                cap = torch.from_numpy(pick[b * cfg.batch_size:(b + 1) * cfg.batch_size])
+                with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=amp):
                     fi = model.encode_image(pixels[idx])
                     ft = model.encode_text(text_in[cap])
                 fi = torch.nn.functional.normalize(fi.float(), dim=-1)
