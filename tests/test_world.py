@@ -201,3 +201,24 @@ def test_lit_text_tower_is_minilm(world, minilm):
     emb = enc.model.text(enc.tokenize(["a red circle"]))["sentence_embedding"].detach().numpy()
     assert np.allclose(emb, minilm.encode_text(["a red circle"]), atol=1e-5)
     assert enc.encode_images([world / "images" / "dark" / "test" / "test-00000.png"]).shape == (1, 256)
+
+
+@pytest.mark.parametrize("name,dim", [("mini-clip", 128), ("lit-minilm", 256)])
+def test_shipped_world_models_load_and_retrieve(name, dim):
+    """The checkpoints in the package load by name, and their cards hold what they claim."""
+
+    from qshift.encoders import create_encoder
+    from qshift.world.models import WORLD_ASSETS
+    from qshift.world.render import render
+    from qshift.world.scene import sample_scene, scene_rng
+
+    card = json.loads((WORLD_ASSETS / f"{name}.json").read_text())
+    assert card["model"] == name and card["command"].startswith(f"qshift world train WORLD --model {name}")
+    assert card["checkpoint_mb"] <= 20 and 30 <= card["test"]["t2i"]["R@1"] <= 80
+    enc = create_encoder(f"world:{name}")
+    scenes = [sample_scene(0, "test", i, ("flat",)) for i in range(8)]
+    images = [render(s, "flat", scene_rng(0, "test", i, 2), 64) for i, s in enumerate(scenes)]
+    texts = [captions_for(s, 0, "test", i)[0] for i, s in enumerate(scenes)]
+    img, txt = enc.encode_images(images), enc.encode_text(texts)
+    assert img.shape == txt.shape == (8, dim)
+    assert ((txt @ img.T).argmax(1) == np.arange(8)).mean() >= 0.5  # trained: well above chance (1/8)
