@@ -143,3 +143,21 @@ def test_precomputed_embeddings_are_checked(tmp_path, rng):
         check_embeddings(rng.standard_normal((5, 8)), dim=4)
     with pytest.raises(InputError, match="2-D array"):
         check_embeddings(np.zeros((2, 2, 2)))
+
+
+def test_same_named_collections_from_different_files_keep_separate_entries(tiny_clip, tmp_path):
+    """A folder's train.csv and test.csv both load as collection 'data': each keeps its cache."""
+    from qshift.data.collection import load_collection
+
+    (tmp_path / "data").mkdir()
+    for split, n in (("train", 6), ("test", 4)):
+        (tmp_path / "data" / f"{split}.csv").write_text(
+            "image,caption\n" + "".join(f"{split}{i}.png,a {split} caption number {i}\n" for i in range(n)))
+    train, test = (load_collection(tmp_path / "data" / f"{s}.csv") for s in ("train", "test"))
+    assert train.name == test.name
+    store = EmbeddingStore(tmp_path / "store")
+    a = store.encode(tiny_clip, train, "text", progress=False)
+    b = store.encode(tiny_clip, test, "text", progress=False)
+    assert a.path != b.path
+    again = store.encode(tiny_clip, train, "text", progress=False)  # still there, nothing re-encoded
+    assert np.array_equal(again.vectors, a.vectors) and len(again.vectors) == 6

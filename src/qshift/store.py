@@ -94,7 +94,10 @@ class EmbeddingStore:
         self.root = Path(root)
 
     def entry_dir(self, encoder: Encoder, collection: Collection, modality: str) -> Path:
-        key = stable_hash([FORMAT, encoder.fingerprint(), modality])[:12]
+        """One entry per (collection, encoder, modality); collections that share a name
+        (e.g. the train.csv and test.csv of one folder) differ by their source file."""
+        source = str(Path(collection.source).resolve()) if collection.source else ""
+        key = stable_hash([FORMAT, encoder.fingerprint(), modality, source])[:12]
         return self.root / f"{_slug(collection.name)}.{modality}.{key}"
 
     # -- encode ------------------------------------------------------------------------
