@@ -46,6 +46,9 @@ def test_select_params_modes(clip):
         select_params(None)
     with pytest.raises(InputError, match="no parameters"):
         select_params(torch.nn.Sequential(torch.nn.Linear(2, 2)), "norm")
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    bn = select_params(cnn, "norm")  # CNN towers (ModifiedResNet): BatchNorm affine parameters
+    assert [tuple(p.shape) for p in bn] == [(4,), (4,)] and not cnn[0].weight.requires_grad
 
 
 @pytest.mark.parametrize("kw, msg", [({"lr": 0}, "lr"), ({"lr": 2.0}, "lr"), ({"steps": 0}, "steps"),

@@ -1,7 +1,11 @@
 """Which parameters of the query tower adapt (the ``configure_model``/``collect_params``
 of Tent, for towers of CLIP-style and BERT-style encoders).
 
-* ``norm`` (default): affine weight and bias of every LayerNorm (and any *Norm layer).
+* ``norm`` (default): affine weight and bias of every LayerNorm (and any *Norm layer),
+  and of BatchNorm layers in CNN towers (e.g. open_clip's ModifiedResNet). Documented
+  choice: BatchNorm keeps its running statistics (the engine runs the tower in eval
+  mode) instead of Tent's per-batch statistics, so that batches of 1 and all-OOD
+  batches behave like any other batch; only the affine parameters adapt.
 * ``last-k``: every parameter of the last k transformer blocks.
 * ``lora``: rank-r low-rank updates W + B·A on the attention projections (open_clip's
   ``in_proj_weight``/``out_proj``, BERT's query/key/value), via torch parametrizations;
@@ -60,7 +64,8 @@ def select_params(tower: nn.Module | None, mode: str = "norm", last_k: int = 1, 
     params: list[nn.Parameter] = []
     if mode == "norm":
         for mod in tower.modules():
-            if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)) or type(mod).__name__.endswith(("LayerNorm", "RMSNorm")):
+            if isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)) \
+                    or type(mod).__name__.endswith(("LayerNorm", "RMSNorm")):
                 params += [p for p in (getattr(mod, "weight", None), getattr(mod, "bias", None))
                            if isinstance(p, nn.Parameter)]
     elif mode == "last-k":
