@@ -139,12 +139,15 @@ def plot_curves(df: pd.DataFrame, path: Path) -> bool:
     if sub.empty or "curve_r1" not in sub:
         return False
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    colors = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(sub["method"]))}  # colour = method,
+    styles = {s: ("-", "--", ":", "-.")[i % 4] for i, s in enumerate(dict.fromkeys(sub["shift"]))}  # line = stream
     for (method, shift), g in sub.groupby(["method", "shift"] if sub["shift"].str.startswith("stream:").any()
                                           else ["method", sub["direction"]], sort=False):
         curves = np.array([c for c in g["curve_r1"] if len(c) == 10])
         if len(curves):
             label = f"{method} · {shift}" if str(shift).startswith("stream:") else method
-            ax.plot(np.arange(1, 11) * 10, curves.mean(axis=0), marker=".", label=label)
+            ax.plot(np.arange(1, 11) * 10, curves.mean(axis=0), marker=".", label=label, color=colors[method],
+                    ls=styles.get(shift, "-"))
     ax.set_xlabel("position in the stream (%)")
     ax.set_ylabel("R@1 (%) in each tenth")
     ax.set_title(title, fontsize=10)
