@@ -61,7 +61,8 @@ def timing(world: Path | None) -> dict:
 def drops(results: list[Path]) -> dict:
     out = {}
     for res in results:
-        cells = [json.loads(line) for line in (res / "cells.jsonl").read_text().splitlines() if line.strip()]
+        # the per-cell files (a grid still running has written some cells but no cells.jsonl yet)
+        cells = [json.loads(f.read_text()) for f in sorted((res / "cells").glob("*/*.json"))]
         zs = [c for c in cells if c["method"] == "zero-shot"]
         clean = next(c["metrics"]["R@1"] for c in zs if c["shift"] == "clean")
         per = {c["shift"]: c["metrics"]["R@1"] for c in zs if c["severity"] == 5}
