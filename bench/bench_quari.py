@@ -78,7 +78,8 @@ def _testbed(name: str, encoder: str | None):
 
 def bench_accuracy(testbed: str, encoder: str | None, epochs: int) -> dict:
     from qshift.quari import QuARIConfig, QuARITrainConfig, load_quari, quari_scores, train_quari, train_ta
-    from qshift.quari.search import _normalize, load_ta, save_ta
+    from qshift.quari.search import load_ta, save_ta
+    from qshift.quari.train import project
 
     enc, (q, t, tof), task, desc = _testbed(testbed, encoder)
     tq, tg, positive = task.queries, task.gallery, task.qrels
@@ -91,7 +92,7 @@ def bench_accuracy(testbed: str, encoder: str | None, epochs: int) -> dict:
         save_ta(ta_path, train_ta(q, t, tof, epochs=epochs, batch_size=BATCH, lr=1e-3), backbone=enc.fingerprint())
     ta_seconds = time.perf_counter() - t0
     p = load_ta(ta_path)
-    rows["TA"] = _metrics(_normalize(tq @ p.T) @ _normalize(tg @ p.T).T, positive)
+    rows["TA"] = _metrics(project(tq, p) @ project(tg, p).T, positive)
     train_seconds = {"TA": ta_seconds}
     for name, (m_over, t_over, on_ta) in VARIANTS.items():
         out = run_dir / name.replace(" ", "_").replace("/", "").replace("+", "plus")
@@ -103,7 +104,7 @@ def bench_accuracy(testbed: str, encoder: str | None, epochs: int) -> dict:
         else:
             train_seconds[name] = sum(r["seconds"] for r in read_json(out / "quari.json")["log"])
         model, proj, _ = load_quari(out, expect_backbone=enc.fingerprint())
-        qq, gg = (tq, tg) if proj is None else (_normalize(tq @ proj.T), _normalize(tg @ proj.T))
+        qq, gg = (tq, tg) if proj is None else (project(tq, proj), project(tg, proj))
         rows[name] = _metrics(quari_scores(model, qq, gg), positive)
     zs, full = rows["zero-shot"]["R@1"], rows["QuARI"]["R@1"]
     return {"testbed": desc, "model": MODEL, "epochs": epochs, "lr": LR, "batch_size": BATCH, "rows": rows, "train_seconds": train_seconds,

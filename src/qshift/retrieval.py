@@ -41,7 +41,8 @@ class RetrievalTask:
     meta: dict = field(default_factory=dict)
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32)."""
     return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
@@ -55,7 +56,7 @@ def text_to_text_task(collection: Collection, text: Embeddings, query_caption: i
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     q_rows = starts + query_caption
     sums = np.add.reduceat(text.vectors, starts, axis=0) - text.vectors[q_rows]
-    gallery = _normalize(sums / (counts - 1)[:, None])
+    gallery = normalize_rows(sums / (counts - 1)[:, None])
     texts = collection.texts()
     return RetrievalTask("t2t", text.vectors[q_rows], gallery, Qrels.from_labels(np.arange(len(collection))),
                          [text.ids[i] for i in q_rows], list(collection.ids), [texts[i] for i in q_rows])

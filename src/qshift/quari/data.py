@@ -14,13 +14,10 @@ import numpy as np
 from qshift.data.collection import Collection
 from qshift.encoders.base import IMAGE, TEXT, Encoder
 from qshift.errors import InputError
+from qshift.retrieval import normalize_rows
 from qshift.store import EmbeddingStore
 
 DIRECTIONS = ("t2i", "t2t")
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def training_pairs(collection: Collection, encoder: Encoder, direction: str, store: EmbeddingStore,
@@ -40,5 +37,5 @@ def training_pairs(collection: Collection, encoder: Encoder, direction: str, sto
     if (counts < 2).any():
         raise InputError(f"{collection.name}: t2t pairs need >= 2 captions per item")
     sums = np.add.reduceat(text.vectors, np.concatenate([[0], np.cumsum(counts)[:-1]]), axis=0)
-    targets = _normalize((sums[item] - text.vectors) / (counts[item] - 1)[:, None])
+    targets = normalize_rows((sums[item] - text.vectors) / (counts[item] - 1)[:, None])
     return text.vectors, targets, np.arange(len(text.vectors))

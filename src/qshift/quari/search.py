@@ -13,13 +13,9 @@ from qshift.errors import InputError
 from qshift.methods import RunContext
 from qshift.quari.model import QuARI
 from qshift.quari.scoring import lowrank_scores, search_vectors
-from qshift.quari.train import load_quari
+from qshift.quari.train import load_quari, project
 
 MODES = ("full", "rerank")
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 @torch.inference_mode()
@@ -95,7 +91,7 @@ class QuARIMethod:
         model, proj, _ = load_quari(self.checkpoint, expect_backbone=ctx.encoder.fingerprint())
         q, g = ctx.encode_queries(), ctx.gallery
         if proj is not None:
-            q, g = _normalize(q @ proj.T), _normalize(g @ proj.T)
+            q, g = project(q, proj), project(g, proj)
         if self.mode == "full":
             return quari_scores(model, q, g)
         first = q @ g.T
@@ -117,7 +113,7 @@ class TAMethod:
 
     def run(self, ctx: RunContext) -> np.ndarray:
         p = load_ta(self.checkpoint)
-        return _normalize(ctx.encode_queries() @ p.T) @ _normalize(ctx.gallery @ p.T).T
+        return project(ctx.encode_queries(), p) @ project(ctx.gallery, p).T
 
 
 def save_ta(path: str | Path, projection: np.ndarray, backbone: str = "") -> None:

@@ -128,7 +128,7 @@ def train_quari(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if projection is not None:
-        queries, targets = _project(queries, projection), _project(targets, projection)
+        queries, targets = project(queries, projection), project(targets, projection)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = QuARI(model_cfg)
@@ -182,9 +182,11 @@ def train_quari(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray,
     return {"log": log, "train_seconds": sum(r["seconds"] for r in log)}
 
 
-def _project(x: np.ndarray, p: np.ndarray) -> np.ndarray:
-    y = x @ p.T
-    return (y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+def project(x: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` mapped by the TA projection P and renormalised."""
+    from qshift.retrieval import normalize_rows
+
+    return normalize_rows(x @ p.T)
 
 
 def save_quari(model: QuARI, out_dir: Path, backbone: str, cfg: QuARITrainConfig | None,
