@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, md_table, write_results  # noqa: E402
+from common import previous_results, md_table, write_results  # noqa: E402
 
-from qshift.io import read_json  # noqa: E402
 
 
 def timing(world: Path | None) -> dict:
@@ -101,10 +100,7 @@ def main() -> None:
     ap.add_argument("results", nargs="*", type=Path)
     ap.add_argument("--world", type=Path)
     args = ap.parse_args()
-    path = RESULTS / "corruptions.json"
-    data = read_json(path) if path.is_file() else {}
-    for k in ("benchmark", "date", "machine"):
-        data.pop(k, None)
+    data = previous_results("corruptions")
     if args.what == "timing":
         data["timing"] = timing(args.world)
     else:

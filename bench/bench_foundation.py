@@ -22,11 +22,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import md_table, timeit, write_results  # noqa: E402
 
 from qshift.data.collection import load_lines  # noqa: E402
-from qshift.demo import demo_collection_path  # noqa: E402
 from qshift.encoders import create_encoder  # noqa: E402
 from qshift.index import build_index  # noqa: E402
 from qshift.retrieval import build_task, evaluate  # noqa: E402
+from qshift.paths import ASSETS, shared_data_dir  # noqa: E402
 from qshift.store import EmbeddingStore  # noqa: E402
+
+
+def demo_collection_path() -> Path:
+    """The real COCO 5k-test captions when ../shared/data is there, else the 200-image
+    sample shipped in the package (what the demo used before it moved to the world)."""
+    shared = shared_data_dir()
+    if shared is not None and (shared / "coco-5k-test" / "captions.txt").is_file():
+        return shared / "coco-5k-test" / "captions.txt"
+    return ASSETS / "coco-dev-200" / "captions.txt"
 
 QSHIFT = str(Path(sys.executable).parent / "qshift")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, md_table, timeit, write_results  # noqa: E402
+from common import previous_results, md_table, timeit, write_results  # noqa: E402
 
 from qshift.io import read_json  # noqa: E402
 
@@ -214,10 +214,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--gallery", type=int, default=1_000_000)
     args = ap.parse_args()
-    path = RESULTS / "quari.json"
-    data = read_json(path) if path.is_file() else {}
-    for k in ("benchmark", "date", "machine"):
-        data.pop(k, None)
+    data = previous_results("quari")
     if args.what == "accuracy":
         data[f"accuracy_{args.testbed}"] = bench_accuracy(args.testbed, args.encoder, args.epochs)
     else:

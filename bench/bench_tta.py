@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, md_table, timeit, write_results  # noqa: E402
+from common import previous_results, RESULTS, md_table, timeit, write_results  # noqa: E402
 
-from qshift.io import read_json  # noqa: E402
 
 METHODS = ["tent", "eata", "sar", "read", "deyo", "tcr", "rest"]
 
@@ -200,10 +199,7 @@ def main() -> None:
     ap.add_argument("--encoder", default="world:mini-clip")
     ap.add_argument("--max-queries", type=int, default=1000)
     args = ap.parse_args()
-    path = RESULTS / "tta.json"
-    data = read_json(path) if path.is_file() else {}
-    for k in ("benchmark", "date", "machine"):
-        data.pop(k, None)
+    data = previous_results("tta")
     t0 = time.perf_counter()
     if args.what == "grid":
         g = bench_grid(args.config)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, md_table, write_results  # noqa: E402
+from common import previous_results, RESULTS, md_table, write_results  # noqa: E402
 
 from qshift.io import read_json  # noqa: E402
 
@@ -190,9 +190,7 @@ def main() -> None:
     ap.add_argument("--all-run", type=Path, help="the run trained on every style, for the matrix's first row")
     ap.add_argument("--styles", default="flat,photo,sketch,dark,cartoon")
     args = ap.parse_args()
-    path = RESULTS / "world.json"
-    data = read_json(path) if path.is_file() else {}
-    data.pop("benchmark", None), data.pop("date", None), data.pop("machine", None)
+    data = previous_results("world")
     if args.what == "ship":
         print(json.dumps(ship(args.run, args.world), indent=1))
         return

@@ -68,6 +68,18 @@ class PeakMemory:
         return (self.peak - self.base) / 2**20
 
 
+def previous_results(name: str) -> dict[str, Any]:
+    """bench/results/<name>.json without its header, so that one part can be re-run and
+    the others kept."""
+    from qshift.io import read_json
+
+    path = RESULTS / f"{name}.json"
+    data = read_json(path) if path.is_file() else {}
+    for k in ("benchmark", "date", "machine"):
+        data.pop(k, None)
+    return data
+
+
 def write_results(name: str, data: dict[str, Any], markdown: str) -> None:
     """bench/results/<name>.json and .md, written atomically."""
     from qshift.io import write_json, write_text
