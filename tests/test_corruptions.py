@@ -115,7 +115,21 @@ def test_gaussian_noise_matches_imagenet_c_reference(photo):
     x = np.asarray(photo)
     np.random.seed(zlib.crc32(b"7/gaussian_noise/2/0"))
     ref = np.uint8(np.clip(x / 255.0 + np.random.normal(size=x.shape, scale=0.12), 0, 1) * 255)
-    assert np.array_equal(np.asarray(corrupt_image(photo, "gaussian_noise", 2, seed=7)), ref)
+    assert np.array_equal(np.asarray(corrupt_image(photo, "gaussian_noise", 2, seed=7, reference_side=0)), ref)
+
+
+@pytest.mark.parametrize("name", ["defocus_blur", "gaussian_noise"])
+def test_small_images_are_corrupted_at_the_reference_side(photo, name):
+    """A 64-px image gets the corruption of a 224-px image, resized back: milder than at 64 px."""
+    x = np.asarray(photo, float)
+    at_ref = corrupt_image(photo, name, 5)
+    native = corrupt_image(photo, name, 5, reference_side=0)
+    assert at_ref.size == native.size == photo.size
+    assert 0.5 < np.abs(np.asarray(at_ref, float) - x).mean() < np.abs(np.asarray(native, float) - x).mean()
+    big = photo.resize((256, 256))  # already over the reference side: corrupted as is
+    assert np.array_equal(np.asarray(corrupt_image(big, name, 5)), np.asarray(corrupt_image(big, name, 5, reference_side=0)))
+    with pytest.raises(InputError, match="reference_side"):
+        corrupt_image(photo, name, 5, reference_side=-1)
 
 
 @pytest.mark.parametrize("mode, size", [("L", (64, 64)), ("RGBA", (64, 48)), ("P", (40, 40)), ("RGB", (9, 7))])

@@ -47,6 +47,7 @@ class BenchConfig:
     max_queries: int | None = None
     query_caption: int = 0
     min_similarity: float | None = None
+    corrupt_side: int = 224       # image corruptions: smaller images are corrupted at this side
     batch_size: int = 64
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     k_map: int = 10
@@ -68,6 +69,9 @@ class BenchConfig:
         for sev in [*self.severities, *self.stream_severities]:
             if sev not in (1, 2, 3, 4, 5):
                 raise InputError(f"config: severities must be 1–5, got {sev!r}")
+        if self.corrupt_side < 0:
+            raise InputError(f"config: corrupt_side must be >= 0 (0: corrupt at the native size), "
+                             f"got {self.corrupt_side}")
         if not self.methods:
             raise InputError("config: methods is empty")
         for m in self.methods:
@@ -217,7 +221,8 @@ class Grid:
                 target = folder / f"{k:06d}.png"
                 if not target.is_file():
                     buf = io.BytesIO()
-                    corrupt_image(load_image(src), shift, severity, seed, k).save(buf, format="PNG")
+                    corrupt_image(load_image(src), shift, severity, seed, k,
+                                  reference_side=self.cfg.corrupt_side).save(buf, format="PNG")
                     write_bytes(target, buf.getvalue())
                 paths.append(str(target))
                 bar.advance(1)

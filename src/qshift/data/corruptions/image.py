@@ -2,9 +2,14 @@
 severities 1–5, plus its 4 extra types, through ``imagecorruptions`` (the
 ``imagecorruptions-imaug`` build, which runs on NumPy 2 / current scikit-image).
 
-Inputs of any mode (grayscale, RGBA, palette) become RGB; images under 32 px on a side
-are upsampled to 32 for the corruption (several kernels assume that much) and resized
-back. The library draws from NumPy's global generator (impulse noise and glass blur from
+Inputs of any mode (grayscale, RGBA, palette) become RGB. ImageNet-C's parameters are in
+pixels of 224-px images (blur radii, noise per pixel, pixelation and JPEG block sizes), so
+an image whose shorter side is under ``reference_side`` (default 224) is upsampled to it
+(bicubic), corrupted there and resized back: a 64-px image then gets the corruption a
+224-px photo of the same scene would get, seen at 64 px — at its own size severity 5 of
+most types leaves nothing (defocus blur with a 10-px radius on a 64-px image). Pass
+``reference_side=0`` to corrupt at the native size (never under 32 px, which several
+kernels assume). The library draws from NumPy's global generator (impulse noise and glass blur from
 their own), so each call seeds both from (seed, corruption, severity, index) and
 restores the global state afterwards.
 """
@@ -18,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from qshift.data.corruptions.text import SEVERITIES, check_corruption
+from qshift.errors import InputError
 
 NOISE = ("gaussian_noise", "shot_noise", "impulse_noise")
 BLUR = ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur")
@@ -28,20 +34,24 @@ EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 GROUP = {**{c: "noise" for c in NOISE + ("speckle_noise",)}, **{c: "blur" for c in BLUR + ("gaussian_blur",)},
          **{c: "weather" for c in WEATHER + ("spatter",)}, **{c: "digital" for c in DIGITAL + ("saturate",)}}
 MIN_SIDE = 32
+REFERENCE_SIDE = 224
 
 
 def corrupt_image(image: Image.Image | np.ndarray, name: str, severity: int, seed: int = 0,
-                  index: int = 0) -> Image.Image:
-    """A corrupted RGB copy of ``image`` (deterministic in seed and index)."""
+                  index: int = 0, reference_side: int = REFERENCE_SIDE) -> Image.Image:
+    """A corrupted RGB copy of ``image``, same size (deterministic in seed and index)."""
     check_corruption(name, severity, IMAGE_CORRUPTIONS + EXTRA)
+    if reference_side < 0:
+        raise InputError(f"reference_side must be >= 0, got {reference_side}")
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     rgb = image.convert("RGB")
     w, h = rgb.size
     work = rgb
-    if min(w, h) < MIN_SIDE:
-        scale = MIN_SIDE / min(w, h)
-        work = rgb.resize((max(MIN_SIDE, round(w * scale)), max(MIN_SIDE, round(h * scale))), Image.BICUBIC)
+    side = max(MIN_SIDE, reference_side)
+    if min(w, h) < side:
+        scale = side / min(w, h)
+        work = rgb.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.BICUBIC)
     from imagecorruptions import corrupt
 
     state = np.random.get_state()
@@ -61,4 +71,4 @@ def corrupt_image(image: Image.Image | np.ndarray, name: str, severity: int, see
     return out
 
 
-__all__ = ["corrupt_image", "IMAGE_CORRUPTIONS", "EXTRA", "GROUP", "SEVERITIES"]
+__all__ = ["corrupt_image", "REFERENCE_SIDE", "IMAGE_CORRUPTIONS", "EXTRA", "GROUP", "SEVERITIES"]
