@@ -199,15 +199,18 @@ def main() -> None:
     ap.add_argument("--encoder", default="world:mini-clip")
     ap.add_argument("--max-queries", type=int, default=1000)
     args = ap.parse_args()
-    data = previous_results("tta")
     t0 = time.perf_counter()
     if args.what == "grid":
-        g = bench_grid(args.config)
-        data.setdefault("grids", {})[Path(args.config).stem] = g
+        part = bench_grid(args.config)
     elif args.what == "forgetting":
-        data["forgetting"] = bench_forgetting(args.encoder, args.max_queries, ["tent", "eata", "sar", "tcr", "rest"])
+        part = bench_forgetting(args.encoder, args.max_queries, ["tent", "eata", "sar", "tcr", "rest"])
     else:
-        data["cost"] = bench_cost(args.encoder)
+        part = bench_cost(args.encoder)
+    data = previous_results("tta")  # read after the run: another part may have finished meanwhile
+    if args.what == "grid":
+        data.setdefault("grids", {})[Path(args.config).stem] = part
+    else:
+        data[args.what] = part
     write_results("tta", data, render_md(data))
     print(render_md(data))
     print(f"({time.perf_counter() - t0:.0f} s)")
