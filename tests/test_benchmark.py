@@ -1,8 +1,11 @@
 import json
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from qshift.benchmark import BenchConfig, load_config, run_benchmark
@@ -95,7 +98,17 @@ def test_i2t_grid_with_image_shift(tmp_path, image_collection, tiny_clip):
     cells = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
     assert [c["shift"] for c in cells] == ["clean", "gaussian_noise"]
     assert cells[1]["shift_info"]["generator"] == "imagecorruptions"
-    assert len(list((out / "shifts" / "gaussian_noise-s3-seed0").glob("*.png"))) == 12
+    (folder,) = (out / "shifts").glob("gaussian_noise-s3-seed0-*")
+    assert len(list(folder.glob("*.png"))) == 12
+    # another corruption setting never reuses these images; the same setting does
+    native = replace(cfg, corrupt_side=0)
+    out2 = run_benchmark(native, tmp_path / "res", EmbeddingStore(tmp_path / "store"), progress=False)
+    folders = sorted((out2 / "shifts").glob("gaussian_noise-s3-seed0-*"))
+    assert len(folders) == 2 and all(len(list(f.glob("*.png"))) == 12 for f in folders)
+    a, b = (np.asarray(Image.open(f / "000000.png"), float) for f in folders)
+    assert np.abs(a - b).mean() > 1
+    cells2 = [json.loads(line) for line in (out2 / "cells.jsonl").read_text().splitlines()]
+    assert cells2[1]["key"] != cells[1]["key"]  # the cell ran again on the new images
 
 
 def test_cli_bench_and_report(tmp_path):

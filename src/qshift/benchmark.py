@@ -184,14 +184,25 @@ class Grid:
         self.source_texts = [c[0] for c in coll.captions] if cfg.direction != "i2t" else None
 
     # -- shifted queries ----------------------------------------------------------------
+    def shift_key(self, shift: str, severity: int, seed: int) -> str:
+        """What one shifted query set depends on (not the methods, so adding one reuses it)."""
+        cfg = self.cfg
+        what = {"queries": stable_hash(self.raw_queries), "shift": shift, "severity": severity, "seed": seed}
+        if modality_of(shift) == "text":
+            what["min_similarity"] = cfg.min_similarity
+        else:
+            what["corrupt_side"] = cfg.corrupt_side
+        return stable_hash(what)[:12]
+
     def shifted(self, shift: str, severity: int, seed: int) -> tuple[list[Any], dict]:
         """Raw shifted queries (texts, or paths of corrupted images) for one cell, cached."""
         if shift == CLEAN:
             return self.raw_queries, {"generator": "none"}
+        key = self.shift_key(shift, severity, seed)
         cache = self.out / "shifts" / f"{shift}-s{severity}-seed{seed}.json"
         if cache.is_file():
             data = read_json(cache)
-            if data.get("key") == self.key:
+            if data.get("key") == key:
                 return data["queries"], data["info"]
         if modality_of(shift) == "text":
             from qshift.data.corruptions.text import corrupt_texts
@@ -205,16 +216,18 @@ class Grid:
                                 encoder=enc)
             queries, info = res.texts, {"generator": res.generator, **res.stats}
         else:
-            queries, info = self._corrupt_images(shift, severity, seed), {"generator": "imagecorruptions"}
-        write_json(cache, {"key": self.key, "queries": [str(q) for q in queries], "info": info})
+            folder = self.out / "shifts" / f"{shift}-s{severity}-seed{seed}-{key}"
+            queries, info = self._corrupt_images(folder, shift, severity, seed), {"generator": "imagecorruptions"}
+        write_json(cache, {"key": key, "queries": [str(q) for q in queries], "info": info})
         return queries, info
 
-    def _corrupt_images(self, shift: str, severity: int, seed: int) -> list[str]:
+    def _corrupt_images(self, folder: Path, shift: str, severity: int, seed: int) -> list[str]:
+        """Corrupted copies of the query images in ``folder`` (its name carries the shift key,
+        so images of other settings are never reused; a partial folder resumes)."""
         from qshift.data.corruptions.image import corrupt_image
         from qshift.data.images import load_image
         from qshift.io import write_bytes
 
-        folder = self.out / "shifts" / f"{shift}-s{severity}-seed{seed}"
         paths = []
         with progress_bar(f"corrupt {shift} s{severity}", len(self.raw_queries), self.progress) as bar:
             for k, src in enumerate(self.raw_queries):
