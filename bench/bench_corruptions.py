@@ -44,7 +44,7 @@ def timing(world: Path | None) -> dict:
         images = [("Flickr8k photo, 224 px", Image.open(f).convert("RGB").resize((224, 224))) for f in files]
     if world:
         files = sorted((world / "images" / "photo" / "test").glob("*.png"))[:50]
-        images += [("world image, 64 px", Image.open(f).convert("RGB")) for f in files]
+        images += [("world image, 64 px (corrupted at 224)", Image.open(f).convert("RGB")) for f in files]
     for name in IMAGE_NAMES:
         for label in sorted({lab for lab, _ in images}):
             batch = [im for lab, im in images if lab == label]
