@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qshift.data.collection import Collection, load_collection
+from qshift.data.collection import Collection, load_collection, load_lines
 from qshift.errors import InputError, StoreMismatchError
 from qshift.store import EmbeddingStore, check_embeddings
 
@@ -65,15 +65,36 @@ def test_interrupted_encode_resumes_from_finished_shards(tiny_clip, tmp_path):
     np.testing.assert_allclose(emb.vectors, tiny_clip.encode_text(_coll().texts()), atol=1e-6)
 
 
+def _file_coll(tmp_path, edit=None):
+    path = tmp_path / "toy.txt"
+    path.write_text("\n".join(t for caps in _coll(edit=edit).captions for t in caps) + "\n")
+    return load_lines(path, captions_per_item=2)
+
+
 def test_changed_caption_invalidates_only_its_shard(tiny_clip, tmp_path):
-    store = EmbeddingStore(tmp_path)
-    store.encode(tiny_clip, _coll(), "text", shard_size=16, progress=False)
+    """A collection file whose caption changed re-encodes that shard only."""
+    store = EmbeddingStore(tmp_path / "store")
+    store.encode(tiny_clip, _file_coll(tmp_path), "text", shard_size=16, progress=False)
     enc = CountingEncoder(tiny_clip)
-    emb = store.encode(enc, _coll(edit=20), "text", shard_size=16, progress=False)
+    emb = store.encode(enc, _file_coll(tmp_path, edit=20), "text", shard_size=16, progress=False)
     assert enc.encoded == 16
     np.testing.assert_allclose(emb.vectors[40], tiny_clip.encode_text(["an edited caption"])[0], atol=1e-6)
-    entry = store.entry_dir(tiny_clip, _coll(), "text")
+    entry = store.entry_dir(tiny_clip, _file_coll(tmp_path), "text")
     assert len(list(entry.glob("shard-*.npy"))) == 7  # the stale shard was removed
+
+
+def test_in_memory_collections_with_one_name_keep_separate_entries(tiny_clip, tmp_path):
+    """Two query sets built in memory under one name (e.g. two benchmark runs) never
+    overwrite each other's shards, and each stays cached."""
+    store = EmbeddingStore(tmp_path)
+    a, b = _coll(), _coll(edit=20)
+    assert a.name == b.name
+    ea = store.encode(tiny_clip, a, "text", shard_size=16, progress=False)
+    eb = store.encode(tiny_clip, b, "text", shard_size=16, progress=False)
+    assert ea.path != eb.path
+    enc = CountingEncoder(tiny_clip)
+    again = store.encode(enc, a, "text", shard_size=16, progress=False)
+    assert enc.encoded == 0 and np.array_equal(again.vectors, ea.vectors)
 
 
 def test_store_refuses_another_encoders_embeddings(tiny_clip, tmp_path):

@@ -7,10 +7,11 @@ One *entry* holds the embeddings of one modality of one collection under one enc
         ids.json             unit ids in order (captions: ``item#j``; images: item id)
         shard-<hash>.npy     float32 rows of one shard
 
-``key`` hashes the encoder fingerprint (spec + weights hash) and the modality, so an
-entry is never reused by another encoder. Each shard file is named by the hash of its
-inputs (ids + caption text, or image path + size + mtime), so after an edit only the
-shards whose inputs changed are encoded again, and an interrupted encode resumes from
+``key`` hashes the encoder fingerprint (spec + weights hash), the modality and where the
+collection comes from (its resolved file, or for a collection built in memory its
+content), so an entry is never reused by another encoder. Each shard file is named by the hash of its
+inputs (ids + caption text, or image path + size + mtime), so after an edit of a
+collection file only the shards whose inputs changed are encoded again, and an interrupted encode resumes from
 the shards already written. Every file is written atomically (temp + rename) and the
 manifest is rewritten after each shard.
 """
@@ -95,8 +96,10 @@ class EmbeddingStore:
 
     def entry_dir(self, encoder: Encoder, collection: Collection, modality: str) -> Path:
         """One entry per (collection, encoder, modality); collections that share a name
-        (e.g. the train.csv and test.csv of one folder) differ by their source file."""
-        source = str(Path(collection.source).resolve()) if collection.source else ""
+        differ by their source file (e.g. the train.csv and test.csv of one folder) or, for
+        collections built in memory, by their content (two runs that build different query
+        sets under one name must not overwrite each other's shards)."""
+        source = str(Path(collection.source).resolve()) if collection.source else f"memory:{collection.key()}"
         key = stable_hash([FORMAT, encoder.fingerprint(), modality, source])[:12]
         return self.root / f"{_slug(collection.name)}.{modality}.{key}"
 
