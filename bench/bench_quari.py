@@ -115,7 +115,8 @@ def bench_accuracy(testbed: str, encoder: str | None, epochs: int) -> dict:
         qq, gg = (tq, tg) if proj is None else (project(tq, proj), project(tg, proj))
         rows[name] = _metrics(quari_scores(model, qq, gg), positive)
     zs, full = rows["zero-shot"]["R@1"], rows["QuARI"]["R@1"]
-    return {"testbed": desc, "model": MODEL, "epochs": epochs, "lr": LR, "batch_size": BATCH, "rows": rows, "train_seconds": train_seconds,
+    return {"testbed": desc, "model": MODEL, "epochs": epochs, "lr": LR, "batch_size": BATCH, "rows": rows,
+            "train_seconds": train_seconds,
             "quari_gain_r1": full - zs,
             "ablations_below_full": {k: rows[k]["R@1"] < full for k in VARIANTS if k.startswith("w/o")}}
 

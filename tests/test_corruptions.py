@@ -127,7 +127,8 @@ def test_small_images_are_corrupted_at_the_reference_side(photo, name):
     assert at_ref.size == native.size == photo.size
     assert 0.5 < np.abs(np.asarray(at_ref, float) - x).mean() < np.abs(np.asarray(native, float) - x).mean()
     big = photo.resize((256, 256))  # already over the reference side: corrupted as is
-    assert np.array_equal(np.asarray(corrupt_image(big, name, 5)), np.asarray(corrupt_image(big, name, 5, reference_side=0)))
+    same = corrupt_image(big, name, 5), corrupt_image(big, name, 5, reference_side=0)
+    assert np.array_equal(*map(np.asarray, same))
     with pytest.raises(InputError, match="reference_side"):
         corrupt_image(photo, name, 5, reference_side=-1)
 

@@ -9,10 +9,10 @@ One *entry* holds the embeddings of one modality of one collection under one enc
 
 ``key`` hashes the encoder fingerprint (spec + weights hash), the modality and where the
 collection comes from (its resolved file, or for a collection built in memory its
-content), so an entry is never reused by another encoder. Each shard file is named by the hash of its
-inputs (ids + caption text, or image path + size + mtime), so after an edit of a
-collection file only the shards whose inputs changed are encoded again, and an interrupted encode resumes from
-the shards already written. Every file is written atomically (temp + rename) and the
+content), so an entry is never reused by another encoder. Each shard file is named by
+the hash of its inputs (ids + caption text, or image path + size + mtime), so after an
+edit of a collection file only the shards whose inputs changed are encoded again, and an
+interrupted encode resumes from the shards already written. Every file is written atomically (temp + rename) and the
 manifest is rewritten after each shard.
 """
 

@@ -9,9 +9,9 @@ an image whose shorter side is under ``reference_side`` (default 224) is upsampl
 224-px photo of the same scene would get, seen at 64 px — at its own size severity 5 of
 most types leaves nothing (defocus blur with a 10-px radius on a 64-px image). Pass
 ``reference_side=0`` to corrupt at the native size (never under 32 px, which several
-kernels assume). The library draws from NumPy's global generator (impulse noise and glass blur from
-their own), so each call seeds both from (seed, corruption, severity, index) and
-restores the global state afterwards.
+kernels assume). The library draws from NumPy's global generator (impulse noise and
+glass blur from their own), so each call seeds both from (seed, corruption, severity,
+index) and restores the global state afterwards.
 """
 
 from __future__ import annotations
