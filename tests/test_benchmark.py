@@ -28,6 +28,8 @@ def test_config_errors(tmp_path):
         BenchConfig.from_dict({**base, "methods": ["tnet"]})
     with pytest.raises(InputError, match="severities must be 1–5"):
         BenchConfig.from_dict({**base, "severities": [0]})
+    with pytest.raises(InputError, match="corrupt_side must be >= 0"):
+        BenchConfig.from_dict({**base, "corrupt_side": -1})
     with pytest.raises(InputError, match="missing required"):
         BenchConfig.from_dict({"name": "x"})
     bad = tmp_path / "c.yaml"
