@@ -102,7 +102,7 @@ def test_i2t_grid_with_image_shift(tmp_path, image_collection, tiny_clip):
     assert cells[1]["shift_info"]["generator"] == "imagecorruptions"
     (folder,) = (out / "shifts").glob("gaussian_noise-s3-seed0-*")
     assert len(list(folder.glob("*.png"))) == 12
-    # another corruption setting never reuses these images; the same setting does
+    # another corruption setting never reuses these images: it writes its own folder
     native = replace(cfg, corrupt_side=0)
     out2 = run_benchmark(native, tmp_path / "res", EmbeddingStore(tmp_path / "store"), progress=False)
     folders = sorted((out2 / "shifts").glob("gaussian_noise-s3-seed0-*"))
