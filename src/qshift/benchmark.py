@@ -176,6 +176,7 @@ class Grid:
             keep = np.random.default_rng(0).choice(len(raw), cfg.max_queries, replace=False)
             keep.sort()
         self.raw_queries = [raw[i] for i in keep]
+        self._raw_hash = stable_hash(self.raw_queries)  # part of every shifted set's key
         self.clean_queries = task.queries[keep]
         rows = task.qrels.indptr
         self.qrels = Qrels.from_lists([task.qrels.indices[rows[i]:rows[i + 1]] for i in keep])
@@ -187,7 +188,7 @@ class Grid:
     def shift_key(self, shift: str, severity: int, seed: int) -> str:
         """What one shifted query set depends on (not the methods, so adding one reuses it)."""
         cfg = self.cfg
-        what = {"queries": stable_hash(self.raw_queries), "shift": shift, "severity": severity, "seed": seed}
+        what = {"queries": self._raw_hash, "shift": shift, "severity": severity, "seed": seed}
         if modality_of(shift) == "text":
             what["min_similarity"] = cfg.min_similarity
         else:
