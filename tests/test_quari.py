@@ -87,7 +87,7 @@ def test_training_learns_and_checkpoints(tmp_path):
     rng = np.random.default_rng(0)
     q, t, tof = _toy(rng)
     mcfg = QuARIConfig(dim=16, rank=4, hidden=32, layers=1, heads=2, steps=2)
-    res = train_quari(q, t, tof, mcfg, QuARITrainConfig(epochs=80, batch_size=50, lr=3e-3, n_neighbors=10),
+    res = train_quari(q, t, tof, mcfg, QuARITrainConfig(epochs=80, batch_size=50, lr=3e-3, n_neighbors=10, val_fraction=0),
                       tmp_path / "run", backbone="enc#1", progress=False)
     assert res["log"][-1]["loss"] < res["log"][0]["loss"] * 0.8
     model, proj, meta = load_quari(tmp_path / "run", expect_backbone="enc#1")
@@ -108,6 +108,33 @@ def test_training_learns_and_checkpoints(tmp_path):
     ix.add(t)
     _, lab = quari_search(model, ix, t, qs[:20], k=5, overfetch=80)  # over-fetch = whole gallery
     assert (lab[:, 0] == full.argmax(1)).all()
+
+
+def test_held_out_targets_pick_the_saved_epoch(tmp_path):
+    import torch
+
+    from qshift.quari.train import held_out_r1, split_targets
+
+    rng = np.random.default_rng(0)
+    q, t, tof = _toy(rng, n=200)
+    mcfg = QuARIConfig(dim=16, rank=4, hidden=32, layers=1, heads=2, steps=2)
+    cfg = QuARITrainConfig(epochs=80, batch_size=50, lr=3e-3, n_neighbors=10, val_fraction=0.1)
+    res = train_quari(q, t, tof, mcfg, cfg, tmp_path / "run", progress=False)
+    vals = [r["val_r1"] for r in res["log"]]
+    assert res["val_r1"] == max(vals) and res["best_epoch"] == vals.index(max(vals)) + 1
+    assert res["val_r1"] > res["val_r1_zero_shot"] + 10
+    _, val = split_targets(np.arange(200), 0.1, cfg.seed)
+    assert len(val) == 20 and res["val_pairs"] == 40
+    qi = np.flatnonzero(np.isin(tof, val))
+    model, _, meta = load_quari(tmp_path / "run")
+    again = held_out_r1(model, torch.from_numpy(q[qi]), torch.from_numpy(t[val]), np.searchsorted(val, tof[qi]))
+    assert again == pytest.approx(res["val_r1"]) and meta["held_out"]["best_epoch"] == res["best_epoch"]
+    # a backbone that is already perfect on the held-out pairs cannot be beaten: the user is told
+    with pytest.warns(UserWarning, match="does not beat the backbone"):
+        train_quari(t[tof], t, tof, mcfg, QuARITrainConfig(epochs=1, batch_size=20, n_neighbors=10, val_fraction=0.2),
+                    tmp_path / "perfect", progress=False)
+    with pytest.raises(InputError, match="val_fraction"):
+        QuARITrainConfig(val_fraction=0.7)
 
 
 def test_bad_training_input(tmp_path):

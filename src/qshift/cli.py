@@ -352,6 +352,7 @@ def models() -> None:
 
 def main() -> None:
     warnings.filterwarnings("ignore", message=".*QuickGELU.*")
+    warnings.formatwarning = lambda message, *_a, **_k: f"warning: {message}\n"  # one line, no source echo
     app()
 
 

@@ -39,6 +39,7 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
           noise: bool = typer.Option(True, help="--no-noise: ablation."),
           anchor: Optional[float] = typer.Option(0.8, help="T = I + a·UVᵀ (authors' code); 0 → T = UVᵀ (paper)."),
           ta: Optional[Path] = typer.Option(None, help="Train on features projected by this TA map (TA + QuARI)."),
+          val_fraction: float = typer.Option(0.1, help="Share of targets held out (≤ 1,000) to pick the best epoch."),
           seed: int = typer.Option(0),
           store: Optional[Path] = StoreOpt, fmt: str = FormatOpt, limit: Optional[int] = LimitOpt,
           captions_per_item: int = CaptionsPerItemOpt, as_json: bool = JsonOpt) -> None:
@@ -52,7 +53,7 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
     mcfg = QuARIConfig(dim=q.shape[1], rank=rank, hidden=hidden, layers=layers, heads=heads, steps=steps,
                        one_step=one_step, anchor=anchor or None)
     tcfg = QuARITrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, noise=noise,
-                            semi_positives=semi_positives, seed=seed)
+                            semi_positives=semi_positives, val_fraction=val_fraction, seed=seed)
     res = train_quari(q, t, tof, mcfg, tcfg, out_dir, backbone=enc.fingerprint(), progress=not as_json,
                       projection=None if ta is None else load_ta(ta))
     if as_json:
@@ -60,6 +61,9 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
     else:
         out.print(f"QuARI ({len(q)} pairs, {res['train_seconds']:.0f}s): loss "
                   f"{res['log'][0]['loss']:.3f} → {res['log'][-1]['loss']:.3f}; → {out_dir}")
+        if "val_r1" in res:
+            out.print(f"held-out R@1 ({res['val_pairs']} pairs): QuARI {res['val_r1']:.1f} (epoch {res['best_epoch']}, "
+                      f"kept) vs backbone {res['val_r1_zero_shot']:.1f}")
 
 
 @app.command("ta")

@@ -16,6 +16,12 @@
   over the batch's queries for the positives.
 * AdamW (weight decay 1e-2) with a cosine schedule. The paper's rate (1e-5 → 2e-7) is for
   millions of pairs; with thousands, qshift defaults to 3e-4 → 3e-6 (documented choice).
+* Held-out check (not in the paper, which trains on millions of pairs): ``val_fraction``
+  of the targets (at most 1,000) and their queries are kept out of training; after every
+  epoch their R@1 among the held-out targets is measured, the best epoch's weights are
+  the ones saved, and the backbone's own R@1 on them is logged beside it — with a few
+  thousand pairs the hypernetwork can over-fit, and a user must see when it does not beat
+  the backbone.
 
 The TA baseline is one linear map P (E × E, identity at the start) applied to queries
 and gallery alike, trained with the symmetric InfoNCE on the same pairs; "TA + QuARI"
@@ -27,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -54,6 +61,7 @@ class QuARITrainConfig:
     semi_positives: bool = True
     n_neighbors: int = 100
     n_semi: int = 2
+    val_fraction: float = 0.1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -62,6 +70,8 @@ class QuARITrainConfig:
                              f"{self.batch_size}")
         if not 0 < self.lr < 1:
             raise InputError(f"quari train: lr must be in (0, 1), got {self.lr}")
+        if not 0 <= self.val_fraction <= 0.5:
+            raise InputError(f"quari train: val_fraction must be in [0, 0.5], got {self.val_fraction}")
 
     @staticmethod
     def from_dict(d: dict) -> "QuARITrainConfig":
@@ -118,6 +128,36 @@ def quari_loss(model: QuARI, q: torch.Tensor, d: torch.Tensor, semi: torch.Tenso
     return (row.sum() + col.sum()) / (2 * b)
 
 
+VAL_MAX_TARGETS, VAL_MAX_QUERIES = 1000, 2000
+
+
+def split_targets(usable: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training targets, held-out targets): ``fraction`` of ``usable`` (at most 1,000) held out."""
+    n_val = min(VAL_MAX_TARGETS, int(round(len(usable) * fraction)))
+    if n_val < 2 or len(usable) - n_val < 2:
+        return usable, usable[:0]
+    perm = np.random.default_rng([seed, 1]).permutation(usable)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+@torch.no_grad()
+def held_out_r1(model: QuARI | None, q: torch.Tensor, d: torch.Tensor, target_of: np.ndarray) -> float:
+    """R@1 (%) of queries ``q`` among targets ``d`` (query i's target: row ``target_of[i]``);
+    ``model=None`` scores with the backbone's cosine."""
+    hits = 0
+    for s in range(0, len(q), 256):
+        qb = q[s:s + 256]
+        if model is None:
+            scores = qb @ d.T
+        else:
+            was = model.training
+            model.eval()
+            scores = lowrank_scores(*model(qb), d, model.cfg.anchor)
+            model.train(was)
+        hits += int((scores.argmax(1).numpy() == target_of[s:s + 256]).sum())
+    return 100.0 * hits / max(1, len(q))
+
+
 def train_quari(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray, model_cfg: QuARIConfig,
                 cfg: QuARITrainConfig, out_dir: str | Path, *, backbone: str = "", progress: bool = True,
                 projection: np.ndarray | None = None) -> dict:
@@ -134,20 +174,29 @@ def train_quari(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray,
     model = QuARI(model_cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     qt, dt = torch.from_numpy(queries.astype(np.float32)), torch.from_numpy(targets.astype(np.float32))
-    sp_idx = sp_w = None
-    if cfg.semi_positives and len(targets) > cfg.n_semi + 1:
-        sp_idx, sp_w = semi_positives(targets, cfg.n_neighbors, cfg.n_semi, cfg.temperature)
     by_target = [np.flatnonzero(target_of == t) for t in range(len(targets))]
-    usable = np.array([t for t in range(len(targets)) if len(by_target[t])])
+    usable, val = split_targets(np.array([t for t in range(len(targets)) if len(by_target[t])], dtype=np.int64),
+                                cfg.val_fraction, cfg.seed)
+    sp_idx = sp_w = None
+    if cfg.semi_positives and len(usable) > cfg.n_semi + 1:                 # among training targets only
+        local_idx, local_w = semi_positives(targets[usable], cfg.n_neighbors, cfg.n_semi, cfg.temperature)
+        sp_idx = np.zeros((len(targets), cfg.n_semi), np.int64)
+        sp_w = np.zeros((len(targets), cfg.n_semi), np.float32)
+        sp_idx[usable], sp_w[usable] = usable[local_idx], local_w
+    val_qi = np.concatenate([by_target[t] for t in val]).astype(np.int64)[:VAL_MAX_QUERIES] if len(val) else None
+    if val_qi is not None:
+        val_pos = np.searchsorted(val, target_of[val_qi])
+        val_q, val_d = qt[val_qi], dt[val]
+        val_zero_shot = held_out_r1(None, val_q, val_d, val_pos)
     steps_per_epoch = max(1, len(usable) // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     sigma = cfg.noise_std if cfg.noise_std is not None else 1.0 / math.sqrt(model_cfg.dim)
-    state_path, log, start = out_dir / "state.pt", [], 0
+    state_path, log, start, best = out_dir / "state.pt", [], 0, None
     if state_path.is_file():
         st = torch.load(state_path, weights_only=False)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
-        start, log = st["epoch"], st["log"]
+        start, log, best = st["epoch"], st["log"], st.get("best")
     step = start * steps_per_epoch
     for epoch in range(start, cfg.epochs):
         rng = np.random.default_rng([cfg.seed, epoch])
@@ -175,11 +224,28 @@ def train_quari(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray,
                 losses.append(float(loss.detach()))
                 step += 1
                 bar.advance(1)
-        log.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0})
+        entry = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0}
+        if val_qi is not None:
+            entry["val_r1"] = held_out_r1(model, val_q, val_d, val_pos)
+            if best is None or entry["val_r1"] > best["val_r1"]:
+                best = {"epoch": epoch + 1, "val_r1": entry["val_r1"],
+                        "model": {k: v.clone() for k, v in model.state_dict().items()}}
+        log.append(entry)
         with atomic_path(state_path) as tmp:
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "log": log}, tmp)
-    save_quari(model, out_dir, backbone, cfg, projection, log)
-    return {"log": log, "train_seconds": sum(r["seconds"] for r in log)}
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "log": log,
+                        "best": best}, tmp)
+    result = {"log": log, "train_seconds": sum(r["seconds"] for r in log)}
+    if best is not None:
+        model.load_state_dict(best["model"])
+        result.update(best_epoch=best["epoch"], val_r1=best["val_r1"], val_r1_zero_shot=val_zero_shot,
+                      val_pairs=len(val_qi))
+        if best["val_r1"] <= val_zero_shot:
+            warnings.warn(f"quari: on {len(val_qi)} held-out pairs QuARI's best R@1 ({best['val_r1']:.1f}) does not "
+                          f"beat the backbone's ({val_zero_shot:.1f}); more or more varied training pairs are needed",
+                          stacklevel=2)
+    held_out = {k: v for k, v in result.items() if k.startswith(("best", "val"))}
+    save_quari(model, out_dir, backbone, cfg, projection, log, held_out)
+    return result
 
 
 def project(x: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -190,7 +256,7 @@ def project(x: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 
 def save_quari(model: QuARI, out_dir: Path, backbone: str, cfg: QuARITrainConfig | None,
-               projection: np.ndarray | None, log: list) -> None:
+               projection: np.ndarray | None, log: list, held_out: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -199,7 +265,7 @@ def save_quari(model: QuARI, out_dir: Path, backbone: str, cfg: QuARITrainConfig
     with atomic_path(out_dir / "model.safetensors", suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp))
     write_json(out_dir / "quari.json", {"model": model.cfg.to_dict(), "train": asdict(cfg) if cfg else None,
-                                        "backbone": backbone, "log": log})
+                                        "backbone": backbone, "log": log, "held_out": held_out or None})
 
 
 def load_quari(path: str | Path, expect_backbone: str | None = None) -> tuple[QuARI, np.ndarray | None, dict]:
