@@ -137,6 +137,35 @@ def test_held_out_targets_pick_the_saved_epoch(tmp_path):
         QuARITrainConfig(val_fraction=0.7)
 
 
+def test_groups_of_near_copy_targets():
+    from qshift.quari.train import epoch_targets, split_targets
+
+    rng = np.random.default_rng(4)
+    base = _unit(rng, 30, 8)
+    t = np.repeat(base, 3, axis=0) + 0.01 * rng.standard_normal((90, 8)).astype(np.float32)
+    t = (t / np.linalg.norm(t, axis=1, keepdims=True)).astype(np.float32)
+    groups = np.repeat(np.arange(30), 3)                     # three near-copies per group, as T2T caption-means
+    idx, w = semi_positives(t, 10, 2, 0.07)
+    assert (groups[idx[:, 0]] == groups).all()               # without groups the nearest is a near-copy
+    idx, w = semi_positives(t, 10, 2, 0.07, groups)
+    assert (groups[idx] != groups[:, None]).all() and (w > 0).all()
+    order = epoch_targets(np.arange(90), groups, rng)
+    assert sorted(groups[order].tolist()) == list(range(30))  # one target per group, every group
+    train, val = split_targets(np.arange(90), 0.2, 0, groups)
+    assert len(val) == 18 and not set(groups[train]) & set(groups[val])
+    with pytest.raises(InputError, match="groups must give"):
+        train_quari(t, t, np.arange(90), QuARIConfig(dim=8, rank=2, hidden=16, layers=1, heads=2),
+                    QuARITrainConfig(), "unused", groups=groups[:10], progress=False)
+
+
+def test_t2t_targets_are_grouped_by_item():
+    from qshift.data.collection import Collection
+    from qshift.quari.data import target_groups
+
+    coll = Collection("c", ["a", "b"], [["x one", "x two", "x three"], ["y one", "y two"]])
+    assert target_groups(coll, "t2t").tolist() == [0, 0, 0, 1, 1] and target_groups(coll, "t2i") is None
+
+
 def test_bad_training_input(tmp_path):
     rng = np.random.default_rng(0)
     q, t, tof = _toy(rng, n=20)

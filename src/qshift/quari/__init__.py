@@ -18,7 +18,7 @@ _WHERE = {
     "quari_scores": "search", "quari_rerank": "search", "quari_search": "search", "save_ta": "search",
     "load_ta": "search", "QuARIMethod": "search", "TAMethod": "search",
     "lowrank_scores": "scoring", "materialized_scores": "scoring",
-    "training_pairs": "data",
+    "training_pairs": "data", "target_groups": "data",
 }
 __all__ = sorted(_WHERE)
 

@@ -18,11 +18,12 @@ DirectionOpt = typer.Option("t2i", help="t2i (caption → image) or t2t (caption
 def _pairs(collection: Path, encoder: str, direction: str, store: Optional[Path], fmt: str,
            limit: Optional[int], captions_per_item: int, progress: bool):
     from qshift.encoders import create_encoder
-    from qshift.quari.data import training_pairs
+    from qshift.quari.data import target_groups, training_pairs
 
     coll = _collection(collection, fmt, limit, captions_per_item, None, "train")
     enc = create_encoder(encoder)
-    return enc, training_pairs(coll, enc, direction, _store(store), progress=progress)
+    pairs = training_pairs(coll, enc, direction, _store(store), progress=progress)
+    return enc, pairs, target_groups(coll, direction)
 
 
 @app.command()
@@ -49,13 +50,14 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
     """
     from qshift.quari import QuARIConfig, QuARITrainConfig, load_ta, train_quari
 
-    enc, (q, t, tof) = _pairs(collection, encoder, direction, store, fmt, limit, captions_per_item, not as_json)
+    enc, (q, t, tof), groups = _pairs(collection, encoder, direction, store, fmt, limit, captions_per_item,
+                                      not as_json)
     mcfg = QuARIConfig(dim=q.shape[1], rank=rank, hidden=hidden, layers=layers, heads=heads, steps=steps,
                        one_step=one_step, anchor=anchor or None)
     tcfg = QuARITrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, noise=noise,
                             semi_positives=semi_positives, val_fraction=val_fraction, seed=seed)
     res = train_quari(q, t, tof, mcfg, tcfg, out_dir, backbone=enc.fingerprint(), progress=not as_json,
-                      projection=None if ta is None else load_ta(ta))
+                      projection=None if ta is None else load_ta(ta), groups=groups)
     if as_json:
         _print_json(res)
     else:
@@ -82,8 +84,10 @@ def ta_(collection: Path = typer.Argument(..., help="Training collection (file o
     """
     from qshift.quari import save_ta, train_ta
 
-    enc, (q, t, tof) = _pairs(collection, encoder, direction, store, fmt, limit, captions_per_item, not as_json)
-    p = train_ta(q, t, tof, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=not as_json)
+    enc, (q, t, tof), groups = _pairs(collection, encoder, direction, store, fmt, limit, captions_per_item,
+                                      not as_json)
+    p = train_ta(q, t, tof, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=not as_json,
+                 groups=groups)
     save_ta(out_path, p, backbone=enc.fingerprint())
     if as_json:
         _print_json({"out": str(out_path), "pairs": len(q)})

@@ -39,3 +39,11 @@ def training_pairs(collection: Collection, encoder: Encoder, direction: str, sto
     sums = np.add.reduceat(text.vectors, np.concatenate([[0], np.cumsum(counts)[:-1]]), axis=0)
     targets = normalize_rows((sums[item] - text.vectors) / (counts[item] - 1)[:, None])
     return text.vectors, targets, np.arange(len(text.vectors))
+
+
+def target_groups(collection: Collection, direction: str) -> np.ndarray | None:
+    """The group of every training target: for ``t2t`` the item of each caption-target (an
+    item's caption-means are near-copies of each other); ``t2i`` targets are distinct images."""
+    if direction not in DIRECTIONS:
+        raise InputError(f"quari: direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
+    return collection.caption_item() if direction == "t2t" else None

@@ -3,7 +3,11 @@
 
 * Pairs (q_i, d_i): a query embedding and its target embedding (T2I: a caption and
   its image; T2T: a caption and the mean of the item's other captions). Each epoch uses
-  one query per target, so a batch never holds the same target twice.
+  one query per target, so a batch never holds the same target twice. Targets may come
+  in ``groups`` (T2T: the five caption-means of one item, near-copies at cos ≈ 0.97):
+  then each epoch draws one target per group, so that no batch holds a near-copy of a
+  positive as a negative, semi-positives come from other groups, and whole groups are
+  held out.
 * Query noise (Eq. 8, after LinCIR): q ← q + U[0,1]·ε before normalisation. The paper's
   ε ~ N(0, I) is relative to unnormalised CLIP features; qshift's embeddings are unit
   vectors, so ε ~ N(0, σ²I) with σ = ``noise_std`` (default 1/√E: ‖ε‖ ≈ ‖q‖).
@@ -81,7 +85,8 @@ class QuARITrainConfig:
         return QuARITrainConfig(**d)
 
 
-def check_pairs(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray) -> None:
+def check_pairs(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray,
+                groups: np.ndarray | None = None) -> None:
     for name, arr in (("queries", queries), ("targets", targets)):
         if arr.ndim != 2:
             raise InputError(f"quari: {name} must be a 2-D array, got shape {arr.shape}")
@@ -92,21 +97,27 @@ def check_pairs(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray)
         raise InputError(f"quari: query dim {queries.shape[1]} ≠ target dim {targets.shape[1]}")
     if len(target_of) != len(queries) or (len(target_of) and (target_of.min() < 0 or target_of.max() >= len(targets))):
         raise InputError("quari: target_of must give a valid target index for every query")
+    if groups is not None and (groups.shape != (len(targets),) or (len(groups) and groups.min() < 0)):
+        raise InputError(f"quari: groups must give a non-negative group id for each of the {len(targets)} targets")
 
 
-def semi_positives(targets: np.ndarray, n_neighbors: int, n_semi: int, tau: float) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``n_semi`` neighbours of every target (itself excluded) and their weights α."""
+def semi_positives(targets: np.ndarray, n_neighbors: int, n_semi: int, tau: float,
+                   groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``n_semi`` neighbours of every target among its ``n_neighbors`` nearest (itself,
+    and targets of its own group, excluded) and their weights α."""
     import faiss
 
-    k = min(n_neighbors + 1, len(targets))
+    groups = np.arange(len(targets)) if groups is None else groups
+    k = min(n_neighbors + 1 + int(np.bincount(groups).max()) - 1, len(targets))
     index = faiss.IndexFlatIP(targets.shape[1])
     index.add(np.ascontiguousarray(targets, dtype=np.float32))
     sims, idx = index.search(np.ascontiguousarray(targets, dtype=np.float32), k)
-    own = idx == np.arange(len(targets))[:, None]
+    own = (idx < 0) | (groups[np.maximum(idx, 0)] == groups[:, None])
     sims = np.where(own, -np.inf, sims)
     order = np.argsort(-sims, axis=1, kind="stable")
-    sims, idx = np.take_along_axis(sims, order, 1)[:, : k - 1], np.take_along_axis(idx, order, 1)[:, : k - 1]
-    w = torch.softmax(torch.from_numpy(sims / tau), dim=1).numpy()
+    keep = min(n_neighbors, k - 1)
+    sims, idx = np.take_along_axis(sims, order, 1)[:, :keep], np.take_along_axis(idx, order, 1)[:, :keep]
+    w = np.nan_to_num(torch.softmax(torch.from_numpy(sims / tau), dim=1).numpy())    # a row of only -inf: 0
     return idx[:, :n_semi], w[:, :n_semi].astype(np.float32)
 
 
@@ -131,19 +142,35 @@ def quari_loss(model: QuARI, q: torch.Tensor, d: torch.Tensor, semi: torch.Tenso
 VAL_MAX_TARGETS, VAL_MAX_QUERIES = 1000, 2000
 
 
-def split_targets(usable: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(training targets, held-out targets): ``fraction`` of ``usable`` (at most 1,000) held out."""
-    n_val = min(VAL_MAX_TARGETS, int(round(len(usable) * fraction)))
-    if n_val < 2 or len(usable) - n_val < 2:
+def split_targets(usable: np.ndarray, fraction: float, seed: int,
+                  groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(training targets, held-out targets): ``fraction`` of the groups of ``usable`` (at
+    most 1,000 groups) held out with all their targets."""
+    g = usable if groups is None else groups[usable]
+    names = np.unique(g)
+    n_val = min(VAL_MAX_TARGETS, int(round(len(names) * fraction)))
+    if n_val < 2 or len(names) - n_val < 2:
         return usable, usable[:0]
-    perm = np.random.default_rng([seed, 1]).permutation(usable)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    held = np.isin(g, np.random.default_rng([seed, 1]).permutation(names)[:n_val])
+    return usable[~held], usable[held]
+
+
+def epoch_targets(usable: np.ndarray, groups: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """This epoch's targets in random order: every usable target, or one per group."""
+    order = rng.permutation(usable)
+    if groups is None:
+        return order
+    _, first = np.unique(groups[order], return_index=True)
+    return order[np.sort(first)]
 
 
 @torch.no_grad()
-def held_out_r1(model: QuARI | None, q: torch.Tensor, d: torch.Tensor, target_of: np.ndarray) -> float:
-    """R@1 (%) of queries ``q`` among targets ``d`` (query i's target: row ``target_of[i]``);
+def held_out_r1(model: QuARI | None, q: torch.Tensor, d: torch.Tensor, target_of: np.ndarray,
+                groups: np.ndarray | None = None) -> float:
+    """R@1 (%) of queries ``q`` among targets ``d`` (query i's target: row ``target_of[i]``;
+    with ``groups`` of the rows of ``d``, any target of the right group counts);
     ``model=None`` scores with the backbone's cosine."""
+    groups = np.arange(len(d)) if groups is None else groups
     hits = 0
     for s in range(0, len(q), 256):
         qb = q[s:s + 256]
@@ -154,15 +181,16 @@ def held_out_r1(model: QuARI | None, q: torch.Tensor, d: torch.Tensor, target_of
             model.eval()
             scores = lowrank_scores(*model(qb), d, model.cfg.anchor)
             model.train(was)
-        hits += int((scores.argmax(1).numpy() == target_of[s:s + 256]).sum())
+        hits += int((groups[scores.argmax(1).numpy()] == groups[target_of[s:s + 256]]).sum())
     return 100.0 * hits / max(1, len(q))
 
 
 def train_quari(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray, model_cfg: QuARIConfig,
                 cfg: QuARITrainConfig, out_dir: str | Path, *, backbone: str = "", progress: bool = True,
-                projection: np.ndarray | None = None) -> dict:
-    """Train (or resume) QuARI; writes ``model.safetensors`` + ``quari.json`` into ``out_dir``."""
-    check_pairs(queries, targets, target_of)
+                projection: np.ndarray | None = None, groups: np.ndarray | None = None) -> dict:
+    """Train (or resume) QuARI; writes ``model.safetensors`` + ``quari.json`` into ``out_dir``.
+    ``groups``: the group of every target (see the module's docstring), or None."""
+    check_pairs(queries, targets, target_of, groups)
     if model_cfg.dim != queries.shape[1]:
         raise InputError(f"quari: model dim {model_cfg.dim} ≠ embedding dim {queries.shape[1]}")
     out_dir = Path(out_dir)
@@ -176,19 +204,20 @@ def train_quari(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray,
     qt, dt = torch.from_numpy(queries.astype(np.float32)), torch.from_numpy(targets.astype(np.float32))
     by_target = [np.flatnonzero(target_of == t) for t in range(len(targets))]
     usable, val = split_targets(np.array([t for t in range(len(targets)) if len(by_target[t])], dtype=np.int64),
-                                cfg.val_fraction, cfg.seed)
+                                cfg.val_fraction, cfg.seed, groups)
     sp_idx = sp_w = None
     if cfg.semi_positives and len(usable) > cfg.n_semi + 1:                 # among training targets only
-        local_idx, local_w = semi_positives(targets[usable], cfg.n_neighbors, cfg.n_semi, cfg.temperature)
+        local_idx, local_w = semi_positives(targets[usable], cfg.n_neighbors, cfg.n_semi, cfg.temperature,
+                                            None if groups is None else groups[usable])
         sp_idx = np.zeros((len(targets), cfg.n_semi), np.int64)
         sp_w = np.zeros((len(targets), cfg.n_semi), np.float32)
         sp_idx[usable], sp_w[usable] = usable[local_idx], local_w
     val_qi = np.concatenate([by_target[t] for t in val]).astype(np.int64)[:VAL_MAX_QUERIES] if len(val) else None
     if val_qi is not None:
         val_pos = np.searchsorted(val, target_of[val_qi])
-        val_q, val_d = qt[val_qi], dt[val]
-        val_zero_shot = held_out_r1(None, val_q, val_d, val_pos)
-    steps_per_epoch = max(1, len(usable) // cfg.batch_size)
+        val_q, val_d, val_g = qt[val_qi], dt[val], None if groups is None else groups[val]
+        val_zero_shot = held_out_r1(None, val_q, val_d, val_pos, val_g)
+    steps_per_epoch = max(1, len(epoch_targets(usable, groups, np.random.default_rng(0))) // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     sigma = cfg.noise_std if cfg.noise_std is not None else 1.0 / math.sqrt(model_cfg.dim)
     state_path, log, start, best = out_dir / "state.pt", [], 0, None
@@ -200,7 +229,7 @@ def train_quari(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray,
     step = start * steps_per_epoch
     for epoch in range(start, cfg.epochs):
         rng = np.random.default_rng([cfg.seed, epoch])
-        order = rng.permutation(usable)
+        order = epoch_targets(usable, groups, rng)
         t0, losses = time.perf_counter(), []
         model.train()
         with progress_bar(f"quari epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch, progress) as bar:
@@ -226,7 +255,7 @@ def train_quari(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray,
                 bar.advance(1)
         entry = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0}
         if val_qi is not None:
-            entry["val_r1"] = held_out_r1(model, val_q, val_d, val_pos)
+            entry["val_r1"] = held_out_r1(model, val_q, val_d, val_pos, val_g)
             if best is None or entry["val_r1"] > best["val_r1"]:
                 best = {"epoch": epoch + 1, "val_r1": entry["val_r1"],
                         "model": {k: v.clone() for k, v in model.state_dict().items()}}
@@ -291,9 +320,10 @@ def load_quari(path: str | Path, expect_backbone: str | None = None) -> tuple[Qu
 
 def train_ta(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray, epochs: int = 10,
              batch_size: int = 320, lr: float = 1e-3, temperature: float = 0.07, seed: int = 0,
-             progress: bool = False) -> np.ndarray:
-    """The static task-adaptation baseline: one linear map P for queries and gallery."""
-    check_pairs(queries, targets, target_of)
+             progress: bool = False, groups: np.ndarray | None = None) -> np.ndarray:
+    """The static task-adaptation baseline: one linear map P for queries and gallery
+    (batches as QuARI's: one target per group)."""
+    check_pairs(queries, targets, target_of, groups)
     torch.manual_seed(seed)
     e = queries.shape[1]
     p = torch.nn.Parameter(torch.eye(e))
@@ -304,7 +334,7 @@ def train_ta(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray, ep
     with progress_bar("train TA", epochs, progress) as bar:
         for epoch in range(epochs):
             rng = np.random.default_rng([seed, epoch])
-            order = rng.permutation(usable)
+            order = epoch_targets(usable, groups, rng)
             for b in range(max(1, len(order) // batch_size)):
                 tgt = order[b * batch_size:(b + 1) * batch_size]
                 qi = np.array([rng.choice(by_target[t]) for t in tgt])
