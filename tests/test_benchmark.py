@@ -47,6 +47,9 @@ class Counting(ZeroShot):
     name = "counting"
     calls = 0
 
+    def __init__(self, tag: int = 0) -> None:
+        self.tag = tag
+
     def run(self, ctx):
         Counting.calls += 1
         assert sorted(ctx.order) == list(range(len(ctx.queries)))
@@ -80,6 +83,14 @@ def test_t2t_grid_resume_and_report(tmp_path, minilm):
         cell.unlink()
         run_benchmark(cfg, tmp_path / "res", store, progress=False)
         assert Counting.calls == calls + 1
+        # a method added to the grid runs its 6 cells only; new parameters under its label rerun them
+        more = replace(cfg, methods=[*cfg.methods, {"name": "counting", "label": "counting2"}])
+        run_benchmark(more, tmp_path / "res", store, progress=False)
+        assert Counting.calls == calls + 1 + 6
+        run_benchmark(replace(cfg, methods=[*cfg.methods, {"name": "counting", "label": "counting2", "tag": 1}]),
+                      tmp_path / "res", store, progress=False)
+        assert Counting.calls == calls + 1 + 12
+        out = run_benchmark(cfg, tmp_path / "res", store, progress=False)
 
         info = write_report([out], tmp_path / "rep")
         md = (tmp_path / "rep" / "report.md").read_text()

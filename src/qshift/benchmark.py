@@ -151,7 +151,9 @@ class Grid:
         self.cfg, self.out, self.store, self.progress = cfg, out, store, progress
         self.coll_path, coll = resolve_collection(cfg.collection, cfg.format)
         self.encoder = create_encoder(cfg.encoder)
-        self.key = stable_hash({**asdict(cfg), "out": None, "encoder_fp": self.encoder.fingerprint(),
+        # what every cell depends on; a cell's own method and parameters are checked per cell, so
+        # adding a method to a grid runs only its cells
+        self.key = stable_hash({**asdict(cfg), "out": None, "methods": None, "encoder_fp": self.encoder.fingerprint(),
                                 "collection_key": coll.key()})[:16]
         self.coll = coll
         self._setup()
@@ -379,7 +381,8 @@ def run_benchmark(cfg: BenchConfig, out: Path | None = None, store: Any = None, 
         for cell in cells:
             path = grid.cell_path(cell)
             res = read_json(path) if path.is_file() else None
-            if res is None or res.get("key") != grid.key:
+            if res is None or res.get("key") != grid.key or res.get("method_name") != cell["method_name"] \
+                    or res.get("params") != cell["params"]:
                 res = grid.run_cell(cell)
                 write_json(path, res)
                 if console is not None:
