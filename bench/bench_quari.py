@@ -2,7 +2,7 @@
 ablations, and the latency of low-rank scoring, re-ranking and full search.
 
     .venv/bin/python bench/bench_quari.py accuracy --testbed world --encoder world:mini-clip
-    .venv/bin/python bench/bench_quari.py accuracy --testbed world-pixel --epochs 60
+    .venv/bin/python bench/bench_quari.py accuracy --testbed world-pixel --epochs 60 --seeds 0,1,2
     .venv/bin/python bench/bench_quari.py accuracy --testbed coco
     .venv/bin/python bench/bench_quari.py latency
 
@@ -15,6 +15,7 @@ and are reused when present (delete them to retrain).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -25,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import previous_results, md_table, timeit, write_results  # noqa: E402
 
-from qshift.io import read_json  # noqa: E402
+from qshift.io import read_json, write_json  # noqa: E402
 
 RUNS = Path(os.environ.get("QSHIFT_BENCH_RUNS", "runs/bench"))
 # CPU-sized hypernetwork (the paper's 4 layers × hidden 512 × rank 64 × 4 steps is for a GPU)
@@ -53,7 +54,7 @@ def _testbed(name: str, encoder: str | None):
     from qshift.data.collection import load_collection
     from qshift.encoders import create_encoder
     from qshift.paths import cache_dir, shared_data_dir
-    from qshift.quari.data import training_pairs
+    from qshift.quari.data import target_groups, training_pairs
     from qshift.retrieval import build_task
     from qshift.store import EmbeddingStore
 
@@ -77,49 +78,66 @@ def _testbed(name: str, encoder: str | None):
         test = load_collection(root / "coco-5k-test" / "captions.txt")
         direction = "t2t"
         names = (train.name, test.name)
-    pairs = training_pairs(train, enc, direction, store)
+    pairs = (*training_pairs(train, enc, direction, store), target_groups(train, direction))
     task = build_task(test, enc, direction, store)
     desc = (f"{enc.spec}: train on {names[0]} ({len(pairs[0])} pairs), test on {names[1]} "
             f"({len(task.queries)} queries × {len(task.gallery)} gallery, {direction.upper()})")
     return enc, pairs, task, desc
 
 
-def bench_accuracy(testbed: str, encoder: str | None, epochs: int) -> dict:
+def _accuracy_one_seed(enc, pairs, task, run_dir: Path, epochs: int, seed: int) -> tuple[dict, dict]:
+    """Metrics of every method for one training seed (checkpoints cached per seed)."""
     from qshift.quari import QuARIConfig, QuARITrainConfig, load_quari, quari_scores, train_quari, train_ta
     from qshift.quari.search import load_ta, save_ta
     from qshift.quari.train import project
 
-    enc, (q, t, tof), task, desc = _testbed(testbed, encoder)
-    tq, tg, positive = task.queries, task.gallery, task.qrels
-    run_dir = RUNS / f"quari-{testbed}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    (q, t, tof, groups), (tq, tg, positive) = pairs, (task.queries, task.gallery, task.qrels)
+    tail = "" if seed == 0 else f"-seed{seed}"
     rows = {"zero-shot": _metrics(tq @ tg.T, positive)}
-    ta_path = run_dir / "ta.safetensors"
-    t0 = time.perf_counter()
+    ta_path = run_dir / f"ta{tail}.safetensors"
     if not ta_path.is_file():
-        save_ta(ta_path, train_ta(q, t, tof, epochs=epochs, batch_size=BATCH, lr=1e-3), backbone=enc.fingerprint())
-    ta_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        save_ta(ta_path, train_ta(q, t, tof, epochs=epochs, batch_size=BATCH, lr=1e-3, seed=seed, groups=groups),
+                backbone=enc.fingerprint())
+        write_json(ta_path.with_suffix(".json"), {"train_seconds": time.perf_counter() - t0})
+    timing = ta_path.with_suffix(".json")
+    train_seconds = {"TA": read_json(timing)["train_seconds"] if timing.is_file() else float("nan")}
     p = load_ta(ta_path)
     rows["TA"] = _metrics(project(tq, p) @ project(tg, p).T, positive)
-    train_seconds = {"TA": ta_seconds}
     for name, (m_over, t_over, on_ta) in VARIANTS.items():
-        out = run_dir / name.replace(" ", "_").replace("/", "").replace("+", "plus")
+        out = run_dir / (name.replace(" ", "_").replace("/", "").replace("+", "plus") + tail)
         mcfg = QuARIConfig(dim=q.shape[1], **{**MODEL, **m_over})
         # the fixed epoch budget on every training pair (as the paper); the CLI holds 10 % out by default
-        tcfg = QuARITrainConfig(epochs=epochs, batch_size=BATCH, lr=LR, lr_min=LR / 100, val_fraction=0.0, **t_over)
+        tcfg = QuARITrainConfig(epochs=epochs, batch_size=BATCH, lr=LR, lr_min=LR / 100, val_fraction=0.0,
+                                seed=seed, **t_over)
         if not (out / "quari.json").is_file():
-            res = train_quari(q, t, tof, mcfg, tcfg, out, backbone=enc.fingerprint(), projection=p if on_ta else None)
-            train_seconds[name] = res["train_seconds"]
-        else:
-            train_seconds[name] = sum(r["seconds"] for r in read_json(out / "quari.json")["log"])
+            train_quari(q, t, tof, mcfg, tcfg, out, backbone=enc.fingerprint(), projection=p if on_ta else None,
+                        groups=groups)
+        train_seconds[name] = sum(r["seconds"] for r in read_json(out / "quari.json")["log"])
         model, proj, _ = load_quari(out, expect_backbone=enc.fingerprint())
         qq, gg = (tq, tg) if proj is None else (project(tq, proj), project(tg, proj))
         rows[name] = _metrics(quari_scores(model, qq, gg), positive)
-    zs, full = rows["zero-shot"]["R@1"], rows["QuARI"]["R@1"]
-    return {"testbed": desc, "model": MODEL, "epochs": epochs, "lr": LR, "batch_size": BATCH, "rows": rows,
-            "train_seconds": train_seconds,
-            "quari_gain_r1": full - zs,
-            "ablations_below_full": {k: rows[k]["R@1"] < full for k in VARIANTS if k.startswith("w/o")}}
+    return rows, train_seconds
+
+
+def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[int]) -> dict:
+    """Every method over ``seeds`` training seeds: mean metrics, and per-seed R@1 with the
+    ablations' paired differences to full QuARI (the seed spread decides what is a gap)."""
+    enc, pairs, task, desc = _testbed(testbed, encoder)
+    run_dir = RUNS / f"quari-{testbed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    per_seed = [_accuracy_one_seed(enc, pairs, task, run_dir, epochs, s) for s in seeds]
+    names = list(per_seed[0][0])
+    rows = {k: {m: float(np.mean([r[k][m] for r, _ in per_seed])) for m in per_seed[0][0][k]} for k in names}
+    r1 = {k: [r[k]["R@1"] for r, _ in per_seed] for k in names}
+    diffs = {k: np.subtract(r1[k], r1["QuARI"]) for k in VARIANTS if k.startswith("w/o")}
+    sd = lambda x: float(np.std(x, ddof=1)) if len(x) > 1 else 0.0  # noqa: E731
+    return {"testbed": desc, "model": MODEL, "epochs": epochs, "lr": LR, "batch_size": BATCH, "seeds": seeds,
+            "rows": rows, "r1_per_seed": r1, "r1_sd": {k: sd(v) for k, v in r1.items()},
+            "train_seconds": per_seed[0][1],
+            "quari_gain_r1": rows["QuARI"]["R@1"] - rows["zero-shot"]["R@1"],
+            "ablation_minus_full_r1": {k: {"mean": float(d.mean()), "sd": sd(d)} for k, d in diffs.items()},
+            "ablations_below_full": {k: bool(d.mean() < 0) for k, d in diffs.items()}}
 
 
 def bench_latency(e: int = 512, r: int = 64, n_gallery: int = 1_000_000, k: int = 1000) -> dict:
@@ -197,7 +215,9 @@ NOTES = {
     "world-pixel": "A new domain: the pixel style was held out of the backbone's training; QuARI and TA "
                    "learn from its val split (1k images, 5k captions) and are tested on its test split.",
     "coco": "In-domain too: all-MiniLM-L6-v2 was trained on 828k COCO caption pairs among its 1B "
-            "(its model card), and 5k dev pairs are few for the hypernetwork.",
+            "(its model card), and 5k dev pairs (1k items) are few for the hypernetwork. T2T targets are "
+            "grouped by item (one caption-mean per item in a batch; before, an item's near-copy targets "
+            "were in-batch negatives and QuARI lost 3.7 R@1 to zero-shot, TA 1.5).",
 }
 
 
@@ -207,15 +227,23 @@ def render_md(data: dict) -> str:
         if key not in data:
             continue
         a = data[key]
+        seeds = a.get("seeds", [0])
         md += [f"## Accuracy — {a['testbed']}", "",
-               f"`.venv/bin/python bench/bench_quari.py accuracy --testbed {key.split('_')[1]}` "
-               f"(hypernetwork {a['model']}, {a['epochs']} epochs, batch {a.get('batch_size')}, lr {a.get('lr')})", ""]
+               f"`.venv/bin/python bench/bench_quari.py accuracy --testbed {key.split('_')[1]} --epochs {a['epochs']}"
+               f" --seeds {','.join(map(str, seeds))}` (hypernetwork {a['model']}, batch {a.get('batch_size')}, "
+               f"lr {a.get('lr')}; metrics are means over {len(seeds)} training seed(s))", ""]
         cols = ["R@1", "R@5", "R@10", "mAP@10", "nDCG@10", "MRR"]
+        extra = ["R@1 sd", "R@1 per seed"] if len(seeds) > 1 else []
         rows = [{"method": k, **{c: v[c] * (100 if c == "MRR" else 1) for c in cols},
+                 "R@1 sd": a.get("r1_sd", {}).get(k, 0.0),
+                 "R@1 per seed": " ".join(f"{x:.2f}" for x in a.get("r1_per_seed", {}).get(k, [])),
                  "train s": a["train_seconds"].get(k, 0.0)} for k, v in a["rows"].items()]
-        md += [md_table(rows, ["method", *cols, "train s"], {c: ".2f" for c in [*cols, "train s"]}), "",
-               f"QuARI − zero-shot: {a['quari_gain_r1']:+.2f} R@1. Ablations below full QuARI: "
-               + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in a["ablations_below_full"].items()), "",
+        gaps = a.get("ablation_minus_full_r1", {})
+        md += [md_table(rows, ["method", *cols, *extra, "train s"],
+                        {c: ".2f" for c in [*cols, "R@1 sd", "train s"]}), "",
+               f"QuARI − zero-shot: {a['quari_gain_r1']:+.2f} R@1. Ablation − full QuARI (R@1, paired by seed): "
+               + ", ".join(f"{k}: {g['mean']:+.2f}" + (f" ± {g['sd']:.2f}" if len(seeds) > 1 else "")
+                           for k, g in gaps.items()), "",
                NOTES[key.split("_", 1)[1]], ""]
     if "latency" in data:
         lat = data["latency"]
@@ -240,10 +268,17 @@ def main() -> None:
     ap.add_argument("--testbed", choices=["world", "world-pixel", "coco"], default="world")
     ap.add_argument("--encoder")
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--seeds", default="0", help="training seeds, comma-separated (e.g. 0,1,2)")
+    ap.add_argument("--no-write", action="store_true",
+                    help="train and print only (e.g. one seed per process); a later run over all seeds writes")
     ap.add_argument("--gallery", type=int, default=1_000_000)
     args = ap.parse_args()
     if args.what == "accuracy":
-        key, part = f"accuracy_{args.testbed}", bench_accuracy(args.testbed, args.encoder, args.epochs)
+        seeds = [int(x) for x in args.seeds.split(",")]
+        key, part = f"accuracy_{args.testbed}", bench_accuracy(args.testbed, args.encoder, args.epochs, seeds)
+        if args.no_write:
+            print(json.dumps(part["r1_per_seed"], indent=1))
+            return
     else:
         key, part = "latency", bench_latency(n_gallery=args.gallery)
     data = previous_results("quari")  # read after the run: another part may have finished meanwhile
