@@ -21,11 +21,11 @@
 * AdamW (weight decay 1e-2) with a cosine schedule. The paper's rate (1e-5 → 2e-7) is for
   millions of pairs; with thousands, qshift defaults to 3e-4 → 3e-6 (documented choice).
 * Held-out check (not in the paper, which trains on millions of pairs): ``val_fraction``
-  of the targets (at most 1,000) and their queries are kept out of training; after every
-  epoch their R@1 among the held-out targets is measured, the best epoch's weights are
-  the ones saved, and the backbone's own R@1 on them is logged beside it — with a few
-  thousand pairs the hypernetwork can over-fit, and a user must see when it does not beat
-  the backbone.
+  of the targets (of the groups, when given; at most 1,000) and their queries are kept out
+  of training; after every epoch their R@1 among the held-out targets is measured, the
+  best epoch's weights are the ones saved, and the backbone's own R@1 on them is logged
+  beside it — with a few thousand pairs the hypernetwork can over-fit, and a user must
+  see when it does not beat the backbone.
 
 The TA baseline is one linear map P (E × E, identity at the start) applied to queries
 and gallery alike, trained with the symmetric InfoNCE on the same pairs; "TA + QuARI"
@@ -217,7 +217,8 @@ def train_quari(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray,
         val_pos = np.searchsorted(val, target_of[val_qi])
         val_q, val_d, val_g = qt[val_qi], dt[val], None if groups is None else groups[val]
         val_zero_shot = held_out_r1(None, val_q, val_d, val_pos, val_g)
-    steps_per_epoch = max(1, len(epoch_targets(usable, groups, np.random.default_rng(0))) // cfg.batch_size)
+    per_epoch = len(usable) if groups is None else len(np.unique(groups[usable]))     # = len(epoch_targets(...))
+    steps_per_epoch = max(1, per_epoch // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     sigma = cfg.noise_std if cfg.noise_std is not None else 1.0 / math.sqrt(model_cfg.dim)
     state_path, log, start, best = out_dir / "state.pt", [], 0, None
