@@ -137,6 +137,19 @@ def test_held_out_targets_pick_the_saved_epoch(tmp_path):
         QuARITrainConfig(val_fraction=0.7)
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 7), max_size=40), st.integers(8, 10))
+def test_queries_by_target_matches_a_scan(target_of, n_targets):
+    from qshift.quari.train import queries_by_target
+
+    target_of = np.array(target_of, dtype=np.int64)
+    by_target, usable = queries_by_target(target_of, n_targets)
+    assert len(by_target) == n_targets
+    for t in range(n_targets):
+        assert by_target[t].tolist() == np.flatnonzero(target_of == t).tolist()
+    assert usable.tolist() == sorted(set(target_of.tolist()))
+
+
 def test_groups_of_near_copy_targets():
     from qshift.quari.train import epoch_targets, split_targets
 

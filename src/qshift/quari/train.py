@@ -142,6 +142,14 @@ def quari_loss(model: QuARI, q: torch.Tensor, d: torch.Tensor, semi: torch.Tenso
 VAL_MAX_TARGETS, VAL_MAX_QUERIES = 1000, 2000
 
 
+def queries_by_target(target_of: np.ndarray, n_targets: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """(the query rows of every target, the targets that have at least one query), in
+    O(N log N) (a scan per target would be O(targets × queries))."""
+    counts = np.bincount(target_of, minlength=n_targets)
+    by_target = np.split(np.argsort(target_of, kind="stable"), np.cumsum(counts)[:-1])
+    return by_target, np.flatnonzero(counts)
+
+
 def split_targets(usable: np.ndarray, fraction: float, seed: int,
                   groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(training targets, held-out targets): ``fraction`` of the groups of ``usable`` (at
@@ -202,9 +210,8 @@ def train_quari(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray,
     model = QuARI(model_cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     qt, dt = torch.from_numpy(queries.astype(np.float32)), torch.from_numpy(targets.astype(np.float32))
-    by_target = [np.flatnonzero(target_of == t) for t in range(len(targets))]
-    usable, val = split_targets(np.array([t for t in range(len(targets)) if len(by_target[t])], dtype=np.int64),
-                                cfg.val_fraction, cfg.seed, groups)
+    by_target, usable = queries_by_target(target_of, len(targets))
+    usable, val = split_targets(usable, cfg.val_fraction, cfg.seed, groups)
     sp_idx = sp_w = None
     if cfg.semi_positives and len(usable) > cfg.n_semi + 1:                 # among training targets only
         local_idx, local_w = semi_positives(targets[usable], cfg.n_neighbors, cfg.n_semi, cfg.temperature,
@@ -330,8 +337,7 @@ def train_ta(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray, ep
     p = torch.nn.Parameter(torch.eye(e))
     opt = torch.optim.AdamW([p], lr=lr, weight_decay=0.0)
     qt, dt = torch.from_numpy(queries.astype(np.float32)), torch.from_numpy(targets.astype(np.float32))
-    by_target = [np.flatnonzero(target_of == t) for t in range(len(targets))]
-    usable = np.array([t for t in range(len(targets)) if len(by_target[t])])
+    by_target, usable = queries_by_target(target_of, len(targets))
     with progress_bar("train TA", epochs, progress) as bar:
         for epoch in range(epochs):
             rng = np.random.default_rng([seed, epoch])
