@@ -4,12 +4,13 @@
     .venv/bin/python bench/bench_tta.py grid --config bench/configs/tta-world-t2i-tuned.yaml
     .venv/bin/python bench/bench_tta.py grid --config bench/configs/tta-world-batch.yaml
     .venv/bin/python bench/bench_tta.py forgetting --encoder world:mini-clip
+    .venv/bin/python bench/bench_tta.py forgetting --config bench/configs/tta-world-t2i-tuned.yaml
     .venv/bin/python bench/bench_tta.py cost --encoder world:mini-clip
 
 ``grid`` runs a config through the benchmark runner (resumable; report + PNGs in the run
 folder) and summarises it: R@1 per corruption at severity 5, the mean, the streams, and
 the issue's targets. ``forgetting`` adapts along the mixed stream, then scores the clean
-queries with the adapted encoder. ``cost`` times one adaptation step against the
+queries with the adapted encoder (the authors' settings, or a config's methods with theirs). ``cost`` times one adaptation step against the
 forward-only encode of the same 64-query batch.
 """
 
@@ -86,8 +87,9 @@ def bench_grid(config: Path) -> dict:
     return summary
 
 
-def bench_forgetting(encoder: str, max_queries: int, methods: list[str]) -> dict:
-    """Adapt (continual mode) along the mixed text stream, then score the clean queries."""
+def bench_forgetting(encoder: str, max_queries: int, methods: list[str | dict]) -> dict:
+    """Adapt (continual mode) along the mixed text stream, then score the clean queries.
+    A method is a name or a config mapping (``name``, ``label``, options)."""
     from qshift.adapt import create_adapter
     from qshift.benchmark import BenchConfig, Grid
     from qshift.paths import cache_dir
@@ -102,8 +104,11 @@ def bench_forgetting(encoder: str, max_queries: int, methods: list[str]) -> dict
     labels = grid.qrels.indices  # one positive per T2I query
     zs = float(((grid.clean_queries @ grid.gallery.T).argmax(1) == labels).mean() * 100)
     out = {"zero-shot": {"clean_r1_after": zs}}
-    for m in methods:
-        ad = create_adapter(grid.encoder, grid.gallery, "t2i", m, source_texts=grid.source_texts)
+    for spec in methods:
+        opts = {"name": spec} if isinstance(spec, str) else dict(spec)
+        name = opts.pop("name")
+        m = opts.pop("label", name)
+        ad = create_adapter(grid.encoder, grid.gallery, "t2i", name, source_texts=grid.source_texts, **opts)
         try:
             stream_scores = ad.run(raw)
             clean_scores = np.concatenate([_encode_adapted(ad, clean[i:i + 256]) for i in range(0, len(clean), 256)])
@@ -209,9 +214,9 @@ def render_md(data: dict) -> str:
                             ["method", "minus_zero_shot_mean", "worst_minus_zero_shot"],
                             {"minus_zero_shot_mean": "+.2f", "worst_minus_zero_shot": "+.2f"}), "",
                    f"REST ≥ every tuned baseline (Tent, EATA, SAR, READ, DeYO) on the mean: {ge}.", ""]
-    if "forgetting" in data:
-        f = data["forgetting"]
-        md += ["## Forgetting: clean R@1 after adapting along the mixed stream (continual mode)", "",
+    for key in [k for k in data if k.startswith("forgetting")]:
+        f, settings = data[key], key.partition(":")[2] or "the authors' settings"
+        md += [f"## Forgetting: clean R@1 after adapting along the mixed stream (continual mode; {settings})", "",
                md_table([{"method": m, **v} for m, v in f.items()],
                         ["method", "stream_r1", "clean_r1_after", "forgetting", "resets"],
                         {"stream_r1": ".2f", "clean_r1_after": ".2f", "forgetting": "+.2f"}), ""]
@@ -238,6 +243,11 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.what == "grid":
         part = bench_grid(args.config)
+    elif args.what == "forgetting" and args.config:
+        from qshift.benchmark import load_config
+
+        cfg = load_config(args.config)
+        part = bench_forgetting(cfg.encoder, args.max_queries, [m for m in cfg.methods if m != "zero-shot"])
     elif args.what == "forgetting":
         part = bench_forgetting(args.encoder, args.max_queries, ["tent", "eata", "sar", "tcr", "rest"])
     else:
@@ -245,6 +255,8 @@ def main() -> None:
     data = previous_results("tta")  # read after the run: another part may have finished meanwhile
     if args.what == "grid":
         data.setdefault("grids", {})[Path(args.config).stem] = part
+    elif args.what == "forgetting" and args.config:
+        data[f"forgetting:{Path(args.config).stem}"] = part
     else:
         data[args.what] = part
     write_results("tta", data, render_md(data))
