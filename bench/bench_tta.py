@@ -10,8 +10,9 @@
 ``grid`` runs a config through the benchmark runner (resumable; report + PNGs in the run
 folder) and summarises it: R@1 per corruption at severity 5, the mean, the streams, and
 the issue's targets. ``forgetting`` adapts along the mixed stream, then scores the clean
-queries with the adapted encoder (the authors' settings, or a config's methods with theirs). ``cost`` times one adaptation step against the
-forward-only encode of the same 64-query batch.
+queries with the adapted encoder (the authors' settings, or those of a config's methods).
+``cost`` times one adaptation step against the forward-only encode of the same 64-query
+batch.
 """
 
 from __future__ import annotations
