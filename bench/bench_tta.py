@@ -73,17 +73,16 @@ def bench_grid(config: Path) -> dict:
                 "corruptions_where_rest_loses_over_1": [c for c in corrs if rest[c] < zs[c] - 1],
             }
 
-        def versus_zero_shot(m: str) -> dict:
-            return {"minus_zero_shot_mean": means[m] - means["zero-shot"],
-                    "worst_minus_zero_shot": min(table[m][c] - zs[c] for c in corrs)}
-
+        vs_zs = {m: {"minus_zero_shot_mean": means[m] - means["zero-shot"],
+                     "worst_minus_zero_shot": min(table[m][c] - zs[c] for c in corrs)} for m in means}
+        summary["vs_zero_shot"] = vs_zs
         tuned = [m for m in means if m.endswith(TUNED)]
         if f"rest{TUNED}" in tuned and len(tuned) > 1:  # every method with its own best setting on val
-            summary["val_tuned"] = {m: versus_zero_shot(m) for m in tuned}
+            summary["val_tuned"] = {m: vs_zs[m] for m in tuned}
             summary["rest_val_tuned_ge_every_tuned_baseline"] = all(
                 means[f"rest{TUNED}"] >= means[m] for m in tuned if m.split(TUNED)[0] not in ("rest", "tcr"))
         summary["rest_variants"] = {  # REST with other settings (e.g. chosen on the val split)
-            m: versus_zero_shot(m) for m in means
+            m: vs_zs[m] for m in means
             if m.startswith("rest") and m != "rest" and m not in summary.get("val_tuned", {})}
     return summary
 
@@ -174,13 +173,11 @@ def render_md(data: dict) -> str:
                f"(report with plots: `{g['run']}/report.md`)", ""]
         corrs = g["corruptions"]
         if corrs and len(g["r1"]) > COMPACT:  # a tuning grid: one line per setting, best first
-            zs, means = g["r1"]["zero-shot"], g["mean_r1"]
-            rows = sorted(({"setting": m, "mean": means[m], "minus_zero_shot": means[m] - means["zero-shot"],
-                            "worst_minus_zero_shot": min(v[c] - zs[c] for c in corrs)}
-                           for m, v in g["r1"].items() if m in means), key=lambda r: -r["mean"])
+            rows = sorted(({"setting": m, "mean": g["mean_r1"][m], **v} for m, v in g["vs_zero_shot"].items()),
+                          key=lambda r: -r["mean"])
             md += [f"Mean R@1 over {len(corrs)} corruptions at severity 5, per setting (best first)", "",
-                   md_table(rows, ["setting", "mean", "minus_zero_shot", "worst_minus_zero_shot"],
-                            {"mean": ".2f", "minus_zero_shot": "+.2f", "worst_minus_zero_shot": "+.1f"}), ""]
+                   md_table(rows, ["setting", "mean", "minus_zero_shot_mean", "worst_minus_zero_shot"],
+                            {"mean": ".2f", "minus_zero_shot_mean": "+.2f", "worst_minus_zero_shot": "+.1f"}), ""]
         elif corrs:
             rows = [{"method": m, **{c[:10]: v.get(c, float('nan')) for c in corrs},
                      "mean": g.get("mean_r1", {}).get(m, float("nan")), "clean": v.get("clean", float("nan"))}
@@ -242,6 +239,7 @@ def main() -> None:
     ap.add_argument("--max-queries", type=int, default=1000)
     args = ap.parse_args()
     t0 = time.perf_counter()
+    key = args.what
     if args.what == "grid":
         part = bench_grid(args.config)
     elif args.what == "forgetting" and args.config:
@@ -249,6 +247,7 @@ def main() -> None:
 
         cfg = load_config(args.config)
         part = bench_forgetting(cfg.encoder, args.max_queries, [m for m in cfg.methods if m != "zero-shot"])
+        key = f"forgetting:{Path(args.config).stem}"
     elif args.what == "forgetting":
         part = bench_forgetting(args.encoder, args.max_queries, ["tent", "eata", "sar", "tcr", "rest"])
     else:
@@ -256,10 +255,8 @@ def main() -> None:
     data = previous_results("tta")  # read after the run: another part may have finished meanwhile
     if args.what == "grid":
         data.setdefault("grids", {})[Path(args.config).stem] = part
-    elif args.what == "forgetting" and args.config:
-        data[f"forgetting:{Path(args.config).stem}"] = part
     else:
-        data[args.what] = part
+        data[key] = part
     write_results("tta", data, render_md(data))
     print(render_md(data))
     print(f"({time.perf_counter() - t0:.0f} s)")
