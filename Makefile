@@ -5,7 +5,7 @@ BIN      = $(VENV)/bin
 PIP      = $(BIN)/python -m pip
 STAMP    = $(VENV)/.qshift-installed
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,9 +26,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
-
-bench: $(STAMP)
-	$(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

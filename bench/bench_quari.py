@@ -85,15 +85,24 @@ def _testbed(name: str, encoder: str | None):
     return enc, pairs, task, desc
 
 
+def _pipeline_scores(enc, task, method: str | dict) -> np.ndarray:
+    """Whole-gallery scores of the test queries through the query pipeline (the stored
+    query embeddings stand for the encode stage)."""
+    from qshift.pipeline import Pipeline, PipelineContext
+
+    ctx = PipelineContext(enc, task.direction, gallery=task.gallery)
+    with Pipeline.from_method(method, ctx) as pipe:
+        return pipe.score(task.query_texts or task.query_ids, embeddings=task.queries)
+
+
 def _accuracy_one_seed(enc, pairs, task, run_dir: Path, epochs: int, seed: int) -> tuple[dict, dict]:
     """Metrics of every method for one training seed (checkpoints cached per seed)."""
-    from qshift.quari import QuARIConfig, QuARITrainConfig, load_quari, quari_scores, train_quari, train_ta
+    from qshift.quari import QuARIConfig, QuARITrainConfig, train_quari, train_ta
     from qshift.quari.search import load_ta, save_ta
-    from qshift.quari.train import project
 
-    (q, t, tof, groups), (tq, tg, positive) = pairs, (task.queries, task.gallery, task.qrels)
+    (q, t, tof, groups), positive = pairs, task.qrels
     tail = "" if seed == 0 else f"-seed{seed}"
-    rows = {"zero-shot": _metrics(tq @ tg.T, positive)}
+    rows = {"zero-shot": _metrics(_pipeline_scores(enc, task, "zero-shot"), positive)}
     ta_path = run_dir / f"ta{tail}.safetensors"
     if not ta_path.is_file():
         t0 = time.perf_counter()
@@ -103,7 +112,7 @@ def _accuracy_one_seed(enc, pairs, task, run_dir: Path, epochs: int, seed: int) 
     timing = ta_path.with_suffix(".json")
     train_seconds = {"TA": read_json(timing)["train_seconds"] if timing.is_file() else float("nan")}
     p = load_ta(ta_path)
-    rows["TA"] = _metrics(project(tq, p) @ project(tg, p).T, positive)
+    rows["TA"] = _metrics(_pipeline_scores(enc, task, {"name": "ta", "checkpoint": str(ta_path)}), positive)
     for name, (m_over, t_over, on_ta) in VARIANTS.items():
         out = run_dir / (name.replace(" ", "_").replace("/", "").replace("+", "plus") + tail)
         mcfg = QuARIConfig(dim=q.shape[1], **{**MODEL, **m_over})
@@ -114,9 +123,7 @@ def _accuracy_one_seed(enc, pairs, task, run_dir: Path, epochs: int, seed: int) 
             train_quari(q, t, tof, mcfg, tcfg, out, backbone=enc.fingerprint(), projection=p if on_ta else None,
                         groups=groups)
         train_seconds[name] = sum(r["seconds"] for r in read_json(out / "quari.json")["log"])
-        model, proj, _ = load_quari(out, expect_backbone=enc.fingerprint())
-        qq, gg = (tq, tg) if proj is None else (project(tq, proj), project(tg, proj))
-        rows[name] = _metrics(quari_scores(model, qq, gg), positive)
+        rows[name] = _metrics(_pipeline_scores(enc, task, {"name": "quari", "checkpoint": str(out)}), positive)
     return rows, train_seconds
 
 

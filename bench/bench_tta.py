@@ -90,7 +90,6 @@ def bench_grid(config: Path) -> dict:
 def bench_forgetting(encoder: str, max_queries: int, methods: list[str | dict]) -> dict:
     """Adapt (continual mode) along the mixed text stream, then score the clean queries.
     A method is a name or a config mapping (``name``, ``label``, options)."""
-    from qshift.adapt import create_adapter
     from qshift.benchmark import BenchConfig, Grid
     from qshift.paths import cache_dir
     from qshift.store import EmbeddingStore
@@ -104,20 +103,20 @@ def bench_forgetting(encoder: str, max_queries: int, methods: list[str | dict]) 
     labels = grid.qrels.indices  # one positive per T2I query
     zs = float(((grid.clean_queries @ grid.gallery.T).argmax(1) == labels).mean() * 100)
     out = {"zero-shot": {"clean_r1_after": zs}}
+    from qshift.pipeline import Pipeline, PipelineContext
+
     for spec in methods:
-        opts = {"name": spec} if isinstance(spec, str) else dict(spec)
-        name = opts.pop("name")
-        m = opts.pop("label", name)
-        ad = create_adapter(grid.encoder, grid.gallery, "t2i", name, source_texts=grid.source_texts, **opts)
-        try:
-            stream_scores = ad.run(raw)
+        m = spec if isinstance(spec, str) else spec.get("label", spec["name"])
+        ctx = PipelineContext(grid.encoder, "t2i", gallery=grid.gallery, source_texts=grid.source_texts)
+        with Pipeline.from_method(spec, ctx) as pipe:
+            stream_scores = pipe.score(raw)
+            ad = next(s for s in pipe.stages if s.kind == "adapt").adapter
             clean_scores = np.concatenate([_encode_adapted(ad, clean[i:i + 256]) for i in range(0, len(clean), 256)])
-        finally:
-            ad.close()
+            resets = ad.stats["resets"]
         stream_lab = np.array([labels[it.query] for it in items])
         out[m] = {"clean_r1_after": float((clean_scores.argmax(1) == labels).mean() * 100),
                   "stream_r1": float((stream_scores.argmax(1) == stream_lab).mean() * 100),
-                  "resets": ad.stats["resets"]}
+                  "resets": resets}
         out[m]["forgetting"] = zs - out[m]["clean_r1_after"]
     return out
 
@@ -157,11 +156,11 @@ def bench_cost(encoder: str, reps: int = 5) -> dict:
         ad = create_adapter(grid.encoder, grid.gallery, "t2i", m, source_texts=grid.source_texts, steps=1)
         try:
             b = ad.prepare(texts)
-            ad.adapt_batch(b)  # warm-up (fills TCR/REST queues)
-            t_step = timeit(lambda: ad.adapt_batch(b), reps=reps)
+            ad.step(b)  # warm-up (fills TCR/REST queues)
+            t_step = timeit(lambda: ad.step(b) @ ad.gallery.T, reps=reps)
         finally:
             ad.close()
-        # adapt_batch(steps=1) = frozen forward + 1 step (forward + backward + update) + the ranking forward
+        # step(steps=1) = frozen forward + 1 update (forward + backward + step) + the ranking forward
         rows.append({"method": m, "batch_s": t_step, "ratio_vs_forward": t_step / t_fwd})
     return {"batch": 64, "forward_s": t_fwd, "zero_shot_queries_per_s": 64 / t_fwd, "rows": rows}
 
@@ -222,7 +221,7 @@ def render_md(data: dict) -> str:
         c = data["cost"]
         md += [f"## Cost (64-query batch; frozen forward + score: {1e3 * c['forward_s']:.1f} ms, "
                f"{c['zero_shot_queries_per_s']:.0f} queries/s)", "",
-               "`adapt_batch` with one step = frozen forward + one update (forward, backward, step) + ranking "
+               "`Adapter.step` with one step = frozen forward + one update (forward, backward, step) + ranking "
                "forward; ratio = that over the forward-only encode.", "",
                md_table(c["rows"], ["method", "batch_s", "ratio_vs_forward"],
                         {"batch_s": ".4f", "ratio_vs_forward": ".2f"}),

@@ -10,6 +10,7 @@ from qshift.adapt.engine import Objective
 from qshift.adapt.params import select_params
 from qshift.adapt.rest import decouple
 from qshift.errors import InputError, StoreMismatchError
+from qshift.pipeline import Pipeline, PipelineContext
 
 TEXTS = [f"a {c} {s} {w}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "star", "ring")
          for w in ("on the left", "at the top")]
@@ -20,10 +21,22 @@ def clip(tiny_clip):
     yield tiny_clip
     for p in tiny_clip.model.parameters():  # leave the shared fixture as we found it
         p.requires_grad_(True)
+    tiny_clip.model.eval()
 
 
 def _gallery(enc, texts=TEXTS):
     return enc.encode_text(texts)
+
+
+def _pipeline(enc, gallery, method, direction="t2i", source_texts=None, **options):
+    ctx = PipelineContext(enc, direction, gallery=gallery, source_texts=source_texts)
+    return Pipeline.from_config([{"adapt": {"method": method, **options}}], ctx)
+
+
+def _stream(adapter, queries, batch_size):
+    """Adapt along ``queries`` in batches; the adapted embeddings."""
+    return np.concatenate([adapter.adapt(queries[s:s + batch_size], index=b)
+                           for b, s in enumerate(range(0, len(queries), batch_size))])
 
 
 def test_select_params_modes(clip):
@@ -64,9 +77,9 @@ def test_bad_inputs(clip):
     a = create_adapter(clip, g, "t2i", "tent")
     with pytest.raises(InputError, match="size 0"):
         a.prepare([])
-    with pytest.raises(InputError, match="no queries"):
-        a.run([])
     a.close()
+    with _pipeline(clip, g, "tent") as pipe, pytest.raises(InputError, match="no queries"):
+        pipe.score([])
     bad = g.copy()
     bad[3, 0] = np.nan
     with pytest.raises(InputError, match=r"non-finite rows \[3\]"):
@@ -75,12 +88,14 @@ def test_bad_inputs(clip):
         create_adapter(clip, g[:, :10], "t2i", "tent")
     with pytest.raises(StoreMismatchError, match="encoded by"):
         create_adapter(clip, g, "t2i", "tent", gallery_fingerprint="st:other#123")
-    with pytest.raises(InputError, match="unknown adaptation method"):
+    with pytest.raises(InputError, match="unknown adaptation method 'tnet' \\(did you mean 'tent'\\?\\)"):
         create_adapter(clip, g, "t2i", "tnet")
-    with pytest.raises(InputError, match="unexpected keyword"):
+    with pytest.raises(InputError, match="unknown option 'ratio_typo' \\(did you mean 'ratio'\\?\\)"):
         create_adapter(clip, g, "t2i", "tcr", ratio_typo=0.3)
-    with pytest.raises(InputError, match="empty or whitespace"):
-        create_adapter(clip, g, "t2i", "tent").run(["a", " "])
+    with pytest.raises(InputError, match="unknown option 'lrr'"):
+        _pipeline(clip, g, "rest", lrr=0.1)
+    with _pipeline(clip, g, "tent") as pipe, pytest.raises(InputError, match="empty or whitespace"):
+        pipe.score(["a", " "])
 
 
 @pytest.mark.parametrize("method", list(OBJECTIVES))
@@ -88,12 +103,33 @@ def test_bad_inputs(clip):
 def test_every_method_runs_and_restores(clip, method, batch_size):
     g = _gallery(clip)
     before = clip.encode_text(TEXTS[:4])
-    a = create_adapter(clip, g, "t2i", method, batch_size=batch_size, steps=2, lr=1e-3,
-                       source_texts=TEXTS)
-    scores = a.run(TEXTS[:16], np.random.default_rng(0).permutation(16))
+    with _pipeline(clip, g, method, source_texts=TEXTS, batch_size=batch_size, steps=2, lr=1e-3) as pipe:
+        assert pipe.batch_size == batch_size
+        scores = pipe.score(TEXTS[:16], np.random.default_rng(0).permutation(16))
+        assert pipe.stages[1].adapter.stats["batches"] == 16 // batch_size
     assert scores.shape == (16, len(TEXTS)) and np.isfinite(scores).all()
-    a.close()
     assert np.allclose(clip.encode_text(TEXTS[:4]), before, atol=1e-6)  # the shared encoder is untouched
+
+
+@pytest.mark.parametrize("params", ["norm", "lora", "last-k"])
+def test_close_restores_values_flags_and_modes_exactly(clip, params):
+    """close() gives the tower back as it was: values, requires_grad flags (here a mix
+    the caller chose) and train/eval mode of every module."""
+    tower = clip.text_tower
+    for i, (n, p) in enumerate(tower.named_parameters()):
+        p.requires_grad_(i % 3 == 0)
+    tower.train()
+    tower.transformer.eval()
+    flags = {n: p.requires_grad for n, p in tower.named_parameters()}
+    values = {n: p.detach().clone() for n, p in tower.named_parameters()}
+    modes = {n: m.training for n, m in tower.named_modules()}
+    with _pipeline(clip, _gallery(clip), "tent", params=params, lr=1e-2, steps=2, batch_size=8) as pipe:
+        pipe.score(TEXTS[:16])
+        moved = pipe.stages[1].adapter.params
+        assert any(not torch.equal(p, p0) for p, p0 in zip(moved, pipe.stages[1].adapter._initial))
+    assert {n: p.requires_grad for n, p in tower.named_parameters()} == flags
+    assert all(torch.equal(p, values[n]) for n, p in tower.named_parameters())
+    assert {n: m.training for n, m in tower.named_modules()} == modes
 
 
 @pytest.mark.parametrize("method", ["tent", "rest", "deyo"])
@@ -102,10 +138,9 @@ def test_image_queries(clip, image_collection, method):
 
     coll = load_collection(image_collection)
     g = clip.encode_text(coll.texts())
-    a = create_adapter(clip, g, "i2t", method, batch_size=6, steps=1)
-    s = a.run(list(coll.image_paths))
+    with _pipeline(clip, g, method, direction="i2t", batch_size=6, steps=1) as pipe:
+        s = pipe.score(list(coll.image_paths))
     assert s.shape == (len(coll), len(g)) and np.isfinite(s).all()
-    a.close()
 
 
 class Exploding(Objective):
@@ -121,19 +156,20 @@ def test_divergence_resets_and_never_returns_nan(clip):
     g = _gallery(clip)
     a = Adapter(clip, g, "t2i", AdaptConfig(batch_size=8), Exploding())
     with pytest.warns(RuntimeWarning, match="diverged"):
-        s = a.run(TEXTS[:16])
-    assert np.isfinite(s).all() and a.stats["divergences"] == 2
-    assert np.allclose(s, clip.encode_text(TEXTS[:16]) @ g.T, atol=1e-5)  # frozen model's scores
+        q = _stream(a, TEXTS[:16], 8)
+    assert np.isfinite(q).all() and a.stats["divergences"] == 2
+    assert np.allclose(q, clip.encode_text(TEXTS[:16]), atol=1e-5)  # the frozen model's embeddings
     a.close()
 
 
 def test_episodic_mode_resets_each_batch(clip):
     g = _gallery(clip)
-    a = create_adapter(clip, g, "t2i", "tent", episodic=True, batch_size=8, lr=1e-2)
-    first = a.run(TEXTS[:8])
-    again = a.run(TEXTS[:8])
+    with _pipeline(clip, g, "tent", episodic=True, batch_size=8, lr=1e-2) as pipe:
+        first = pipe.score(TEXTS[:8])
+        again = pipe.score(TEXTS[:8])
     assert np.allclose(first, again, atol=1e-5)  # same start each batch → same result
-    a.close()
+    with _pipeline(clip, g, "tent", batch_size=8, lr=1e-2) as pipe:  # continual: the second pass differs
+        assert not np.allclose(pipe.score(TEXTS[:8]), pipe.score(TEXTS[:8]), atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["tent", "tcr", "rest", "eata"])
@@ -152,7 +188,7 @@ def test_updates_lower_the_objective(clip, method):
 
     a.objective.update = record
     before = [p.detach().clone() for p in a.params]
-    a.adapt_batch(a.prepare(TEXTS[:32]))
+    a.step(a.prepare(TEXTS[:32]))
     a.close()
     assert len(seen) == 6 and seen[-1] < seen[1], seen  # step 0 may fill TCR's queue first
     assert any(not torch.equal(p0, p1) for p0, p1 in zip(before, a._initial)) is False  # close() restored
@@ -164,17 +200,17 @@ def test_tcr_queue_and_all_ood_detection(clip):
                        anchor_quantile=0.5)
     obj = a.objective
     assert obj.anchor_queue is not None and len(obj.anchor_queue) > 0 and obj.anchor_limit is not None
-    a.run(TEXTS[:32])
+    _stream(a, TEXTS[:32], 8)
     assert 0 < len(obj.queue) <= obj.queue_size
     n_after_fill = len(obj.queue)
-    a.run(TEXTS[:16])
+    _stream(a, TEXTS[:16], 8)
     assert len(obj.queue) == n_after_fill  # no updates after the first fill_batches
     a.close()
     # a stream the anchors call all out-of-distribution: nothing enters the queue
     b = create_adapter(clip, g, "t2i", "tcr", batch_size=8, steps=1, source_texts=TEXTS)
     b.objective.anchor_limit = -1e9
     noise = ["zq xv " * 5 + str(i) for i in range(16)]
-    b.run(noise)
+    _stream(b, noise, 8)
     assert len(b.objective.queue) == 0 and b.stats["ood_batches"] == 2
     assert b.objective.reference() is b.objective.anchor_queue
     b.close()

@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from qshift.benchmark import BenchConfig, load_config, run_benchmark
 from qshift.errors import InputError
-from qshift.methods import METHODS, ZeroShot, register_method
+from qshift.methods import METHODS, register_method
+from qshift.pipeline.stage import STAGES, Stage, register_stage
 from qshift.paths import ASSETS
 from qshift.report import write_report
 from qshift.store import EmbeddingStore
@@ -43,21 +44,25 @@ def test_config_errors(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-class Counting(ZeroShot):
-    name = "counting"
+class Counting(Stage):
+    """A pass-through stage that counts the cells it runs in (one setup per cell)."""
+
+    kind = "transform"
     calls = 0
 
     def __init__(self, tag: int = 0) -> None:
         self.tag = tag
 
-    def run(self, ctx):
+    def setup(self, ctx):
         Counting.calls += 1
-        assert sorted(ctx.order) == list(range(len(ctx.queries)))
-        return super().run(ctx)
+
+    def __call__(self, batch):
+        return batch
 
 
 def test_t2t_grid_resume_and_report(tmp_path, minilm):
-    register_method("counting", Counting)
+    register_stage("transform", "counting")(Counting)
+    register_method("counting")(lambda tag=0: [{"transform": {"counting": {"tag": tag}}}])
     try:
         cfg = BenchConfig(name="coco200", encoder="st:all-MiniLM-L6-v2", collection=COCO200, direction="t2t",
                           shifts=["clean", "char_delete", "word_swap"], severities=[1, 5], streams=["mixed"],
@@ -101,7 +106,8 @@ def test_t2t_grid_resume_and_report(tmp_path, minilm):
         for p in info["plots"]:
             assert Path(p).stat().st_size > 5000
     finally:
-        METHODS.pop("counting", None)
+        METHODS.remove("counting")
+        STAGES["transform"].remove("counting")
 
 
 def test_i2t_grid_with_image_shift(tmp_path, image_collection, tiny_clip):

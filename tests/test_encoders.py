@@ -175,6 +175,14 @@ def test_onnx_backend_agrees_with_open_clip(tiny_clip, tmp_path):
     assert enc.dim == tiny_clip.dim and enc.text_tower is None
     np.testing.assert_allclose(enc.encode_text(TEXTS), tiny_clip.encode_text(TEXTS), atol=1e-5)
     np.testing.assert_allclose(enc.encode_images(_images()), tiny_clip.encode_images(_images()), atol=1e-5)
+    # an inference-only encoder serves zero-shot pipelines and refuses an adapt stage, saying why
+    from qshift.errors import InputError
+    from qshift.pipeline import Pipeline, PipelineContext
+
+    ctx = PipelineContext(enc, "t2t", gallery=enc.encode_text(TEXTS))
+    assert len(Pipeline.from_config(None, ctx).search(TEXTS[:1], k=2)[0].hits) == 2
+    with pytest.raises(InputError, match="ONNX encoders are inference-only"):
+        Pipeline.from_config([{"adapt": "tent"}], ctx)
 
 
 def test_onnx_backend_agrees_with_transformers(tmp_path):

@@ -207,11 +207,11 @@ def test_ta_baseline_and_methods(tmp_path):
     ta = ((pq / np.linalg.norm(pq, axis=1, keepdims=True)) @ (pt / np.linalg.norm(pt, axis=1, keepdims=True)).T)
     assert (ta.argmax(1) == np.arange(200)).mean() > zs + 0.2  # dropping the nuisance dimensions helps
     save_ta(tmp_path / "ta.safetensors", p)
-    from qshift.methods import create_method
+    from qshift.pipeline import create_stage
 
-    assert create_method({"name": "ta", "checkpoint": str(tmp_path / "ta.safetensors")}).name == "ta"
+    assert create_stage("transform", "ta", {"checkpoint": str(tmp_path / "ta.safetensors")}).name == "ta"
     with pytest.raises(InputError, match="not a trained QuARI"):
-        create_method({"name": "quari", "checkpoint": str(tmp_path)})
+        create_stage("transform", "quari", {"checkpoint": str(tmp_path)})
 
 
 def test_cli_train_ta_and_quari_from_store(image_collection, tmp_path):

@@ -1,12 +1,15 @@
 """The grid benchmark runner (``qshift bench CONFIG``).
 
 A YAML or TOML config names the encoder, the collection, the direction, the shifts ×
-severities (plus optional mixed / source-share streams), the methods and the seeds. The
-runner encodes the clean gallery once (through the embedding store), builds each
-shifted query set once (cached under ``OUT/shifts``), runs every method on every cell
-and writes one JSON per cell (``OUT/cells/``) and the table ``OUT/results.{csv,parquet}``.
-A cell whose JSON exists for the same config is skipped, so an interrupted run resumes.
-Shifts touch the queries only; the gallery stays clean.
+severities (plus optional mixed / source-share streams), the methods and the seeds. A
+method is a named pipeline (``zero-shot``, ``rest``, ``{name: quari, checkpoint: …}``)
+or ``{pipeline: [stages…], label: …}`` (:mod:`qshift.methods`). The runner encodes the
+clean gallery once (through the embedding store), builds each shifted query set once
+(cached under ``OUT/shifts``), streams every cell's queries through its method's
+:class:`~qshift.pipeline.Pipeline` in a seeded order, and writes one JSON per cell
+(``OUT/cells/``) and the table ``OUT/results.{csv,parquet}``. A cell whose JSON exists
+for the same config is skipped, so an interrupted run resumes. Shifts touch the
+queries only; the gallery stays clean.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from qshift.data.collection import Collection, load_collection
 from qshift.data.corruptions import expand, modality_of
 from qshift.data.streams import CLEAN, mixed_stream, source_share_stream
 from qshift.errors import InputError
-from qshift.io import read_json, stable_hash, write_json, write_text
-from qshift.metrics import Qrels, first_positive_rank, retrieval_metrics
-from qshift.methods import RunContext, create_method
+from qshift.io import read_config_file, read_json, stable_hash, write_json, write_text
+from qshift.directions import DIRECTIONS, query_modality
+from qshift.metrics import Qrels, retrieval_metrics, top_k_and_ranks
+from qshift.methods import method_label, method_stages
 from qshift.progress import progress_bar
 
 STREAMS = ("mixed", "source_share")
@@ -55,9 +59,9 @@ class BenchConfig:
     format: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.direction not in ("t2i", "i2t", "t2t"):
-            raise InputError(f"config: direction must be t2i, i2t or t2t, got {self.direction!r}")
-        want = "image" if self.direction == "i2t" else "text"
+        if self.direction not in DIRECTIONS:
+            raise InputError(f"config: direction must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}")
+        want = query_modality(self.direction)
         names = [s for s in self.shifts if s != CLEAN]
         for s in expand(names):
             if modality_of(s) != want:
@@ -74,8 +78,12 @@ class BenchConfig:
                              f"got {self.corrupt_side}")
         if not self.methods:
             raise InputError("config: methods is empty")
-        for m in self.methods:
-            create_method(m)  # unknown names / bad parameters fail before any work
+        labels = [method_label(m) for m in self.methods]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise InputError(f"config: methods {dup} appear twice; give each setting its own 'label'")
+        for m in self.methods:  # unknown names / stages / options fail before any work
+            check_pipeline(method_stages(m), f"config: method {method_label(m)!r}")
 
     @property
     def shift_names(self) -> list[str]:
@@ -97,26 +105,21 @@ class BenchConfig:
         return BenchConfig(**d)
 
 
-def load_config(path: str | Path) -> BenchConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: config file not found")
-    text = path.read_text("utf-8")
+def check_pipeline(stages: list, where: str) -> None:
+    """Build every stage of a pipeline config (without binding it): bad names or options
+    fail here, naming the method."""
+    from qshift.pipeline import create_stage, parse_pipeline
+
     try:
-        if path.suffix.lower() == ".toml":
-            import tomllib
+        for spec in parse_pipeline(stages, where):
+            create_stage(spec.kind, spec.name, spec.options)
+    except InputError as exc:
+        msg = str(exc)
+        raise InputError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
-            data = tomllib.loads(text)
-        elif path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
 
-            data = yaml.safe_load(text)
-        else:
-            raise InputError(f"{path}: config must be .yaml, .yml or .toml")
-    except InputError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - parser errors of either format
-        raise InputError(f"{path}: cannot parse ({exc})") from exc
+def load_config(path: str | Path) -> BenchConfig:
+    data = read_config_file(path)
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a mapping at the top level")
     return BenchConfig.from_dict(data, str(path))
@@ -184,7 +187,7 @@ class Grid:
         self.qrels = Qrels.from_lists([task.qrels.indices[rows[i]:rows[i + 1]] for i in keep])
         self.gallery = task.gallery
         # clean texts paired with gallery items: source anchors for adaptation methods
-        self.source_texts = [c[0] for c in coll.captions] if cfg.direction != "i2t" else None
+        self.source_texts = [c[0] for c in coll.captions] if query_modality(cfg.direction) == "text" else None
 
     # -- shifted queries ----------------------------------------------------------------
     def shift_key(self, shift: str, severity: int, seed: int) -> str:
@@ -246,7 +249,7 @@ class Grid:
 
     def encode(self, queries: list[Any], tag: str) -> np.ndarray:
         """Frozen-encoder embeddings of raw queries, through the store."""
-        if self.cfg.direction == "i2t":
+        if query_modality(self.cfg.direction) == "image":
             coll = Collection(f"bench-{self.cfg.name}-{tag}", [f"q{i}" for i in range(len(queries))],
                               [["-"]] * len(queries), [Path(q) for q in queries])
             return self.store.encode(self.encoder, coll, "image", progress=self.progress).vectors
@@ -260,11 +263,13 @@ class Grid:
         out = []
         for seed in cfg.seeds:
             for m in cfg.methods:
-                mname = m if isinstance(m, str) else m["name"]
-                params = {} if isinstance(m, str) else {k: v for k, v in m.items() if k != "name"}
-                label = m if isinstance(m, str) else m.get("label", mname)
-                params.pop("label", None)
-                base = {"method": label, "method_name": mname, "params": params, "seed": seed}
+                if isinstance(m, str):
+                    mname, params = m, {}
+                elif "pipeline" in m:
+                    mname, params = "pipeline", {"pipeline": m["pipeline"]}
+                else:
+                    mname, params = m["name"], {k: v for k, v in m.items() if k not in ("name", "label")}
+                base = {"method": method_label(m), "method_name": mname, "params": params, "seed": seed}
                 if CLEAN in cfg.shifts:
                     out.append({**base, "shift": CLEAN, "severity": 0})
                 for s in self.cfg.shift_names:
@@ -273,6 +278,13 @@ class Grid:
                 for stream in cfg.streams:
                     out.append({**base, "shift": f"stream:{stream}", "severity": 0})
         return out
+
+    @staticmethod
+    def cell_method(cell: dict) -> str | dict:
+        """The method entry a cell runs (the inverse of :meth:`cells`)."""
+        if cell["method_name"] == "pipeline":
+            return {"pipeline": cell["params"]["pipeline"]}
+        return {"name": cell["method_name"], **cell["params"]}
 
     def cell_path(self, cell: dict) -> Path:
         safe = cell["method"].replace("/", "_").replace(" ", "_")
@@ -293,31 +305,21 @@ class Grid:
             tag = f"{cell['shift']}-s{cell['severity']}-seed{seed}"
             encode = (lambda: self.clean_queries) if cell["shift"] == CLEAN else \
                 (lambda: self.encode(raw, tag))  # noqa: E731
-        cache: dict[str, np.ndarray] = {}
-
-        def encode_cached() -> np.ndarray:
-            if "q" not in cache:
-                cache["q"] = encode()
-            return cache["q"]
-
         qrels = self.qrels if stream_items is None else \
             Qrels.from_lists([self.qrels.indices[self.qrels.indptr[it.query]:self.qrels.indptr[it.query + 1]]
                               for it in stream_items])
-        ctx = RunContext(self.encoder, cfg.direction, self.gallery, raw, order, encode_cached, cfg.batch_size,
-                         seed, self.source_texts, {"cell": cell, "shift_info": info})
-        method = create_method({"name": cell["method_name"], **cell["params"]})
+        from qshift.pipeline import Pipeline, PipelineContext
+
+        ctx = PipelineContext(self.encoder, cfg.direction, gallery=self.gallery, batch_size=cfg.batch_size,
+                              seed=seed, source_texts=self.source_texts)
         t0 = time.perf_counter()
-        scores = np.asarray(method.run(ctx), dtype=np.float32)
+        with Pipeline.from_method(self.cell_method(cell), ctx) as pipe:
+            scores = pipe.score(raw, order, embeddings=encode())
         seconds = time.perf_counter() - t0
-        if scores.shape != (len(raw), len(self.gallery)):
-            raise RuntimeError(f"method {cell['method']} returned scores {scores.shape}, expected "
-                               f"{(len(raw), len(self.gallery))}")
         if not np.isfinite(scores).all():
             raise RuntimeError(f"method {cell['method']} returned non-finite scores in cell {cell}")
-        ranks = first_positive_rank(scores, qrels)
         k = min(max(max(cfg.ks), cfg.k_map), scores.shape[1])
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable"), 1)
+        top, ranks = top_k_and_ranks(scores, qrels, k)
         metrics = retrieval_metrics(top, qrels, cfg.ks, k_map=min(cfg.k_map, k), full_ranks=ranks)
         hits = (ranks[order] == 0).astype(float)  # R@1 along the stream, in 10 windows
         curve = [float(w.mean() * 100) for w in np.array_split(hits, min(10, len(hits)))]
@@ -325,6 +327,7 @@ class Grid:
                   "encoder": self.encoder.fingerprint(), "collection": str(self.coll_path),
                   "metrics": metrics, "queries": len(raw), "gallery": int(len(self.gallery)),
                   "seconds": seconds, "queries_per_s": len(raw) / max(seconds, 1e-9),
+                  "stage_seconds": pipe.timings, "stage_info": pipe.info,
                   "curve_r1": curve, "shift_info": info}
         if stream_items is not None:
             per = {}

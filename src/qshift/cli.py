@@ -98,6 +98,39 @@ def index(entry: Path = typer.Argument(..., help="A store entry directory (print
     _print_json(info) if as_json else out.print(f"{factory} index of {len(idx)} × {emb.dim} → {out_dir}")
 
 
+def pipeline_entries(pipeline: Optional[Path], method: Optional[str], adapt: Optional[str],
+                     quari: Optional[Path], rerank: Optional[int]) -> list:
+    """One stage list from ``--pipeline``, ``--method`` and the short stage flags (each flag
+    adds its stage at its kind's place in refine → encode → adapt → transform → rank)."""
+    from qshift.methods import method_stages
+    from qshift.pipeline import KINDS, parse_pipeline
+
+    entries: list = []
+    if pipeline is not None:
+        parse_pipeline(pipeline)  # the file's own order and names are checked as written
+        from qshift.io import read_config_file
+
+        data = read_config_file(pipeline)
+        entries += data.get("stages", data.get("pipeline", [])) if isinstance(data, dict) else list(data or [])
+    if method:
+        entries += method_stages(method)
+    if adapt:
+        entries.append({"adapt": {"method": adapt}})
+    if quari is not None:
+        entries.append({"transform": {"quari": {"checkpoint": str(quari),
+                                                **({"mode": "rerank", "k": rerank} if rerank else {})}}})
+    elif rerank:
+        from qshift.errors import InputError
+
+        raise InputError("--rerank re-ranks with a transform: give --quari DIR too")
+
+    def kind(e: Any) -> int:
+        k = next(iter(e)) if isinstance(e, dict) and e else e
+        return KINDS.index(k) if k in KINDS else -1
+
+    return sorted(entries, key=kind)
+
+
 @app.command()
 @_handle_errors
 def search(index_dir: Path = typer.Argument(..., help="Index directory (from `qshift index`)."),
@@ -105,42 +138,60 @@ def search(index_dir: Path = typer.Argument(..., help="Index directory (from `qs
            text: Optional[list[str]] = typer.Option(None, "--text", "-t", help="Text query (repeatable)."),
            image: Optional[list[Path]] = typer.Option(None, "--image", "-i", help="Image query (repeatable)."),
            k: int = typer.Option(10, "-k", help="Results per query."),
+           pipeline: Optional[Path] = typer.Option(None, "--pipeline", "-p", help="Pipeline config (YAML/TOML list "
+                                                   "of stages; `qshift methods` lists the stages)."),
+           method: Optional[str] = typer.Option(None, "--method", "-m", help="A named method (`qshift methods`), "
+                                                "e.g. `rest`; added to the pipeline."),
+           adapt: Optional[str] = typer.Option(None, "--adapt", help="Add an online adapt stage (a TTA method)."),
+           quari: Optional[Path] = typer.Option(None, "--quari", help="Add a QuARI transform (trained folder)."),
+           rerank: Optional[int] = typer.Option(None, "--rerank", help="With --quari: re-rank the top N instead "
+                                                "of a full search."),
+           state: Optional[Path] = typer.Option(None, "--state", help="Session file of online adaptation: loaded "
+                                                "if it exists, saved (atomically) after the call."),
            as_json: bool = JsonOpt) -> None:
-    """Top-k search with text or image queries.
+    """Top-k search with text or image queries through the query pipeline.
 
-    Example: `qshift search runs/coco-index -e st:all-MiniLM-L6-v2 -t "a dog on a skateboard" -k 5`
+    Example: `qshift search runs/coco-index -e st:all-MiniLM-L6-v2 -t "a dog on a skateboard" -k 5`;
+    online TTA carried across calls: `… --adapt rest --state runs/session.pt`
     """
+    from qshift.directions import direction_of
     from qshift.encoders import create_encoder
     from qshift.errors import InputError
     from qshift.index import load_index
+    from qshift.pipeline import Pipeline, PipelineContext
 
     if not text and not image:
         raise InputError("give at least one query: --text '...' or --image PATH")
+    entries = pipeline_entries(pipeline, method, adapt, quari, rerank)
     idx = load_index(index_dir)
     enc = create_encoder(encoder)
     idx.check_fingerprint(enc.fingerprint())
-    queries: list[tuple[str, Any]] = []
-    if text:
-        queries += list(zip(text, enc.encode_text(text)))
-    if image:
-        queries += list(zip(map(str, image), enc.encode_images(image)))
-    import numpy as np
-
-    scores, labels = idx.search(np.stack([q for _, q in queries]), min(k, len(idx)))
-    results = [{"query": name, "results": [{"rank": r + 1, "id": idx.ids[j], "score": float(s)}
-                                           for r, (s, j) in enumerate(zip(srow, lrow))]}
-               for (name, _), srow, lrow in zip(queries, scores, labels)]
+    groups = [(m, list(q)) for m, q in (("text", text), ("image", [str(i) for i in image or []])) if q]
+    if state is not None and len(groups) > 1:
+        raise InputError("--state keeps one online session: give text or image queries, not both")
+    results = []
+    for modality, queries in groups:
+        gallery = idx.meta.get("modality") or ("image" if modality == "text" else "text")
+        ctx = PipelineContext(enc, direction_of(modality, gallery), index=idx)
+        with Pipeline.from_config(entries, ctx) as pipe:
+            if state is not None and state.is_file():
+                pipe.load_state(state)
+            results += [r.to_dict() for r in pipe.search(queries, min(k, len(idx)))]
+            if state is not None:
+                pipe.save_state(state)
     if as_json:
         _print_json(results)
         return
     for res in results:
-        table = Table(title=f"query: {res['query']}")
+        title = f"query: {res['query']}" + "".join(f" → {v}" for key, v in res["meta"].items() if key == "repaired")
+        table = Table(title=title)
         table.add_column("rank", justify="right")
         table.add_column("id")
         table.add_column("score", justify="right")
         for r in res["results"]:
             table.add_row(str(r["rank"]), r["id"], f"{r['score']:.4f}")
         out.print(table)
+        out.print("stages: " + ", ".join(f"{name} {1e3 * sec:.1f} ms" for name, sec in res["timings"].items()))
 
 
 @app.command("eval")
@@ -230,7 +281,8 @@ def bench(config: Path = typer.Argument(..., help="Benchmark config (.yaml/.yml/
           report: bool = typer.Option(True, help="Write the report into the results folder afterwards."),
           severities: Optional[str] = typer.Option(None, help="Override the config's severities, e.g. `5`."),
           max_queries: Optional[int] = typer.Option(None, help="Override: use a random subset of N queries."),
-          methods: Optional[str] = typer.Option(None, help="Override: comma-separated method names."),
+          methods: Optional[str] = typer.Option(None, help="Override: comma-separated method names "
+                                                "(`qshift methods` lists them)."),
           as_json: bool = JsonOpt) -> None:
     """Run a grid of methods × shifts × severities × seeds; resumes where it stopped.
 
@@ -267,7 +319,7 @@ def bench(config: Path = typer.Argument(..., help="Benchmark config (.yaml/.yml/
 @_handle_errors
 def adapt(collection: str = typer.Argument(..., help="Collection: a path, `world:test` or `shared:REL/PATH`."),
           encoder: str = EncoderOpt,
-          method: str = typer.Option("rest", "--method", "-m", help="tent, eata, sar, read, deyo, tcr or rest."),
+          method: str = typer.Option("rest", "--method", "-m", help="A TTA method (`qshift methods` lists them)."),
           direction: str = typer.Option("t2i", help="t2i / t2t (the text tower adapts) or i2t (the image tower)."),
           shift: str = typer.Option("clean", "--shift", "-s", help="Corruption name(s), comma-separated, or "
                                     "`text`/`image` (all); clean queries always run too."),
@@ -338,6 +390,21 @@ def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Where th
     from qshift.demo import run_demo
 
     run_demo(out_dir, _store(store), limit=limit, console=out)
+
+
+@app.command("methods")
+def methods_(as_json: bool = JsonOpt) -> None:
+    """List the named methods and the pipeline stages of each kind (from their registries)."""
+    from qshift.methods import list_methods
+    from qshift.pipeline import list_stages
+
+    info = {"methods": list_methods(), "stages": list_stages()}
+    if as_json:
+        _print_json(info)
+        return
+    out.print("methods: " + ", ".join(info["methods"]))
+    for kind, names in info["stages"].items():
+        out.print(f"{kind} stages: " + (", ".join(names) or "none"))
 
 
 @app.command()

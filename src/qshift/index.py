@@ -24,6 +24,7 @@ import torch
 
 from qshift.errors import InputError, StoreMismatchError
 from qshift.io import atomic_path, read_json, save_npy, write_json
+from qshift.metrics import sort_hits
 
 DEFAULT_FACTORY = "Exact"
 
@@ -184,7 +185,7 @@ class ExactIndex(_IdsMixin):
             import faiss
 
             s_np, i_np = faiss.knn(q, g.numpy(), k, metric=faiss.METRIC_INNER_PRODUCT)
-            return self._order(s_np, i_np)
+            return sort_hits(s_np, i_np)
         rows = self._block_rows(len(q))
         best_s = best_i = None
         for start in range(0, len(g), rows):
@@ -199,12 +200,7 @@ class ExactIndex(_IdsMixin):
                 top, pos = torch.topk(cs, min(k, cs.shape[1]), dim=1)
                 best_s, best_i = top, torch.gather(ci, 1, pos)
             del s  # free this block's scores before the next block's are allocated
-        return self._order(best_s.numpy(), best_i.numpy())
-
-    @staticmethod
-    def _order(s_np: np.ndarray, i_np: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        order = np.lexsort((i_np, -s_np), axis=1)  # score desc, then label asc
-        return np.take_along_axis(s_np, order, 1), np.take_along_axis(i_np.astype(np.int64), order, 1)
+        return sort_hits(best_s.numpy(), best_i.numpy())
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -332,3 +328,24 @@ def load_index(path: str | Path) -> ExactIndex | FaissIndex:
         raise InputError(f"{path}: {len(idx.ids)} ids for {len(idx)} vectors")
     return idx
 
+
+
+def index_vectors(index: ExactIndex | FaissIndex) -> np.ndarray:
+    """The float32 vectors an index holds, in label order: an exact index's gallery, the
+    store entry it was built from (``meta['entry']``), or FAISS's reconstruction."""
+    if isinstance(index, ExactIndex):
+        return index.gallery.float().numpy()
+    entry = index.meta.get("entry")
+    if entry and Path(entry).is_dir():
+        from qshift.store import EmbeddingStore
+
+        emb = EmbeddingStore.load(entry)
+        vecs = emb.vectors[emb.valid]
+        if len(vecs) == len(index):
+            return np.ascontiguousarray(vecs, dtype=np.float32)
+    try:
+        return index.index.reconstruct_n(0, len(index))
+    except RuntimeError as exc:
+        raise InputError(f"index {index.factory!r} cannot give back its vectors ({str(exc).strip().splitlines()[-1]}) "
+                         "and its store entry is gone; stages that need the gallery vectors (adapt, transform) "
+                         "need an Exact index or the store entry it was built from") from None

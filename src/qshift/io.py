@@ -79,3 +79,26 @@ def stable_hash(obj: Any) -> str:
     """SHA-256 of a JSON-serialisable object with sorted keys (stable across runs)."""
     data = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode("utf-8")
     return hashlib.sha256(data).hexdigest()
+
+
+def read_config_file(path: str | os.PathLike[str]) -> Any:
+    """Parse a ``.yaml``/``.yml``/``.toml`` file, naming it in every error."""
+    from qshift.errors import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: config file not found")
+    text = path.read_text("utf-8")
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise InputError(f"{path}: config must be .yaml, .yml or .toml")
+    try:
+        if suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        import yaml
+
+        return yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - parser errors of either format
+        raise InputError(f"{path}: cannot parse ({exc})") from exc

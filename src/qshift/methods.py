@@ -1,97 +1,84 @@
-"""Retrieval methods behind one interface, so the benchmark runner, the CLI and the
-service compose them without special cases.
+"""Named methods: presets of the query pipeline.
 
-A method gets a :class:`RunContext` — the encoder, the fixed gallery, the raw queries
-in stream order, and a cached way to encode queries — and returns a score matrix
-(queries × gallery, rows in the original query order). Zero-shot scores the frozen
-encoder's embeddings; test-time adaptation (:mod:`qshift.adapt`) and QuARI
-(:mod:`qshift.quari`) register themselves here too.
+A method is a name for a list of stages (:mod:`qshift.pipeline.config`): ``zero-shot``
+is encode + rank (no stage to add), each TTA objective ``NAME`` is
+``[{adapt: {method: NAME, **params}}]``, ``quari``/``ta`` add a transform stage. A
+benchmark config, ``qshift search --method`` and the service take a method name, a
+mapping ``{name: NAME, label: SHOWN-AS, **params}``, or ``{pipeline: [stages], label: …}``
+for any other composition. Methods register with ``@register_method(name)``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
-
-import numpy as np
+import importlib
+from typing import Any, Callable
 
 from qshift.errors import InputError
+from qshift.registry import Registry
+
+METHODS: Registry[Callable[..., list]] = Registry("method")
+PLUGINS = ("qshift.adapt", "qshift.quari", "qshift.refine")
 
 
-@dataclass
-class RunContext:
-    encoder: Any                      # an Encoder
-    direction: str                    # t2i, i2t, t2t
-    gallery: np.ndarray               # N × d, L2-normalised, fixed
-    queries: Sequence[Any]            # raw queries: texts or images/paths, original order
-    order: np.ndarray                 # stream order (a permutation of range(len(queries)))
-    encode_queries: Callable[[], np.ndarray]  # frozen-encoder embeddings of ``queries`` (cached)
-    batch_size: int = 64
-    seed: int = 0
-    source_texts: Sequence[str] | None = None  # clean paired texts of the gallery (source anchors)
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def query_modality(self) -> str:
-        return "image" if self.direction == "i2t" else "text"
+def register_method(name: str) -> Callable[[Callable[..., list]], Callable[..., list]]:
+    """Decorator: ``fn(**params) -> list of stage entries`` becomes method ``name``."""
+    return METHODS.register(name)
 
 
-class Method(Protocol):
-    name: str
-
-    def run(self, ctx: RunContext) -> np.ndarray: ...
-
-
-class ZeroShot:
-    """The frozen encoder: score = cosine(query, gallery item)."""
-
-    name = "zero-shot"
-
-    def __init__(self, **params: Any) -> None:
-        if params:
-            raise InputError(f"zero-shot takes no parameters, got {sorted(params)}")
-
-    def run(self, ctx: RunContext) -> np.ndarray:
-        return ctx.encode_queries() @ ctx.gallery.T
+@register_method("zero-shot")
+def zero_shot(**params: Any) -> list:
+    """The frozen encoder: encode + rank."""
+    if params:
+        raise InputError(f"zero-shot takes no parameters, got {sorted(params)}")
+    return []
 
 
-METHODS: dict[str, Callable[..., Method]] = {"zero-shot": ZeroShot}
-
-
-def register_method(name: str, factory: Callable[..., Method]) -> None:
-    METHODS[name] = factory
-
-
-def create_method(spec: str | dict) -> Method:
-    """A method from ``"name"`` or ``{"name": ..., **params}``."""
-    _load_plugins()
-    if isinstance(spec, str):
-        name, params = spec, {}
-    elif isinstance(spec, dict) and "name" in spec:
-        params = dict(spec)
-        name = params.pop("name")
-        params.pop("label", None)  # a display name for reports, not a parameter
-    else:
-        raise InputError(f"a method is a name or a mapping with 'name', got {spec!r}")
-    if name not in METHODS:
-        import difflib
-
-        close = difflib.get_close_matches(name, METHODS, n=3)
-        raise InputError(f"unknown method {name!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
-                         + f"; known: {', '.join(sorted(METHODS))}")
-    try:
-        return METHODS[name](**params)
-    except TypeError as exc:
-        raise InputError(f"method {name!r}: {exc}") from None
-
-
-def _load_plugins() -> None:
-    """Import the modules that register further methods (if they exist yet)."""
-    import importlib
-
-    for mod in ("qshift.adapt", "qshift.quari"):
+def load_plugins() -> None:
+    """Import the modules that register further methods and stages (once each)."""
+    for mod in PLUGINS:
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:
             if exc.name != mod:
                 raise
+
+
+def list_methods() -> list[str]:
+    load_plugins()
+    return METHODS.names()
+
+
+def method_label(spec: Any) -> str:
+    """How a method entry is shown in tables: its ``label``, else its name."""
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, dict) and "label" in spec:
+        return str(spec["label"])
+    if isinstance(spec, dict) and "name" in spec:
+        return str(spec["name"])
+    raise InputError(f"a pipeline method entry needs a 'label', got {spec!r}")
+
+
+def method_stages(spec: Any) -> list:
+    """The stage list of a method entry (see the module docstring)."""
+    load_plugins()
+    if isinstance(spec, str):
+        name, params = spec, {}
+    elif isinstance(spec, dict) and "pipeline" in spec:
+        extra = sorted(set(spec) - {"pipeline", "label"})
+        if extra:
+            raise InputError(f"a pipeline method entry takes 'pipeline' and 'label' only, got also {extra}")
+        stages = spec["pipeline"]
+        if not isinstance(stages, list):
+            raise InputError(f"'pipeline' must be a list of stages, got {stages!r}")
+        return stages
+    elif isinstance(spec, dict) and "name" in spec:
+        params = {k: v for k, v in spec.items() if k not in ("name", "label")}
+        name = spec["name"]
+    else:
+        raise InputError(f"a method is a name, a mapping with 'name', or a mapping with 'pipeline'; got {spec!r}")
+    fn = METHODS.get(name)
+    try:
+        return fn(**params)
+    except TypeError as exc:
+        raise InputError(f"method {name!r}: {exc}") from None

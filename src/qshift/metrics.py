@@ -77,6 +77,22 @@ def first_positive_rank(scores: np.ndarray, qrels: Qrels) -> np.ndarray:
     return (higher + tied_before).astype(np.int64)
 
 
+def sort_hits(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's hits by score (descending), equal scores by label (ascending)."""
+    order = np.lexsort((labels, -scores), axis=1)
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(labels.astype(np.int64), order, 1)
+
+
+def top_k_and_ranks(scores: np.ndarray, qrels: Qrels, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's top-k labels (best first, ties by lower index) and the 0-based rank of
+    its best positive in the full ranking: what every metric here needs."""
+    scores = np.asarray(scores)
+    k = min(int(k), scores.shape[1])
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    labels = sort_hits(np.take_along_axis(scores, top, 1), top)[1]
+    return labels, first_positive_rank(scores, qrels)
+
+
 def relevance(labels: np.ndarray, qrels: Qrels) -> np.ndarray:
     """Boolean (nq, k): whether each retrieved label is a positive of its query."""
     labels = np.asarray(labels, dtype=np.int64)

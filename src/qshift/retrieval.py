@@ -20,13 +20,13 @@ from typing import Sequence
 import numpy as np
 
 from qshift.data.collection import Collection
+from qshift.directions import check_direction
 from qshift.encoders.base import IMAGE, TEXT, Encoder
 from qshift.errors import InputError
 from qshift.index import DEFAULT_FACTORY, as_queries, build_index
-from qshift.metrics import Qrels, first_positive_rank, retrieval_metrics
+from qshift.metrics import Qrels, retrieval_metrics, top_k_and_ranks
 from qshift.store import EmbeddingStore, Embeddings
 
-DIRECTIONS = ("t2i", "i2t", "t2t")
 
 
 @dataclass
@@ -85,8 +85,10 @@ def cross_modal_task(collection: Collection, text: Embeddings, image: Embeddings
 def build_task(collection: Collection, encoder: Encoder, direction: str, store: EmbeddingStore, *,
                progress: bool = True, on_error: str = "raise", query_caption: int = 0) -> RetrievalTask:
     """Encode what ``direction`` needs (through the cache) and assemble the task."""
-    if direction not in DIRECTIONS:
-        raise InputError(f"unknown direction {direction!r}; use one of {', '.join(DIRECTIONS)}")
+    check_direction(direction)
+    if direction == "i2i":
+        raise InputError("i2i tasks need instance labels (which images show the same thing); a caption "
+                         "collection has none — search image→image with `qshift search INDEX -i IMAGE`")
     text = store.encode(encoder, collection, TEXT, progress=progress)
     if direction == "t2t":
         return text_to_text_task(collection, text, query_caption)
@@ -96,20 +98,14 @@ def build_task(collection: Collection, encoder: Encoder, direction: str, store: 
 
 def exact_ranking(queries: np.ndarray, gallery: np.ndarray, qrels: Qrels, k: int,
                   block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """One float32 scoring pass giving each query's top-k labels (ordered as
-    :class:`~qshift.index.ExactIndex` orders them) and the exact 0-based rank of its best
-    positive (blocked over queries)."""
-    import torch
-
-    from qshift.index import ExactIndex
-
+    """One float32 scoring pass giving each query's top-k labels (best first, ties by
+    lower index, as every qshift index orders them) and the exact 0-based rank of its
+    best positive (blocked over queries)."""
     labels = np.empty((len(queries), k), dtype=np.int64)
     ranks = np.empty(len(queries), dtype=np.int64)
     for s in range(0, len(queries), block):
-        scores = queries[s:s + block] @ gallery.T
-        ranks[s:s + block] = first_positive_rank(scores, qrels[s:s + block])
-        top_s, top_i = torch.topk(torch.from_numpy(scores), k, dim=1)
-        labels[s:s + block] = ExactIndex._order(top_s.numpy(), top_i.numpy())[1]
+        labels[s:s + block], ranks[s:s + block] = top_k_and_ranks(queries[s:s + block] @ gallery.T,
+                                                                  qrels[s:s + block], k)
     return labels, ranks
 
 

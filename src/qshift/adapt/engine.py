@@ -2,8 +2,12 @@
 
 Queries arrive in batches. For each batch the engine runs ``steps`` forward+update
 passes of the query tower (only the selected parameters move; the gallery embeddings
-stay fixed), then ranks the batch with the adapted tower. Methods differ only in their
-objective (:mod:`.objectives`, :mod:`.tcr`, :mod:`.rest`).
+stay fixed), then embeds the batch with the adapted tower. Methods differ only in their
+objective (one module each: :mod:`.tent`, :mod:`.eata`, :mod:`.sar`, :mod:`.read`,
+:mod:`.deyo`, :mod:`.tcr`, :mod:`.rest`), registered with ``@register_objective``.
+
+The engine talks to the encoder only through :class:`~qshift.encoders.base.AdaptableEncoder`
+(``prepare``, ``forward``, ``tower``, ``device``); the gallery lives on the encoder's device.
 
 **Query predictions** (REST §III-A, "refining the retrieval results into query
 predictions"): a recognition-style loss needs a distribution per query, so each query's
@@ -16,33 +20,38 @@ candidates come from the gallery —
 * ``auto``: ``batch-nn`` for batches of ≥ 8 queries, else ``topk`` (a 1 × 1 prediction
   carries no signal).
 
-Safety: a non-finite loss, parameter or score resets the tower to its initial state
-with a warning and the batch is ranked by the frozen model — scores are never NaN.
+Safety: a non-finite loss, parameter or embedding resets the tower to its initial state
+with a warning and the batch keeps the frozen model's embeddings — never NaN.
 ``episodic`` resets after every batch; ``reset_on_collapse`` resets when the spread of
 the adapted queries falls under ``collapse_ratio`` × the spread of the frozen ones.
+
+State: ``state_dict()`` holds the adapted parameters, the optimizer, the objective's
+own state (queues, centres, moving averages), the counters and the random generator, so
+a stream stopped after batch k and resumed from it gives the same embeddings as an
+uninterrupted one. ``close()`` restores the tower exactly: parameter values, LoRA
+removed, ``requires_grad`` flags and train/eval mode as they were.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qshift.data.images import load_image
+from qshift.directions import check_direction, query_modality
 from qshift.errors import InputError, StoreMismatchError
-from qshift.progress import progress_bar
 from qshift.adapt.params import select_params
+from qshift.registry import Registry
 
 CANDIDATES = ("auto", "batch-nn", "topk", "gallery")
 
 
 @dataclass
 class AdaptConfig:
-    method: str = "tcr"
     params: str = "norm"          # norm | last-k | lora
     last_k: int = 1
     lora_rank: int = 4
@@ -57,7 +66,6 @@ class AdaptConfig:
     reset_on_collapse: bool = True
     collapse_ratio: float = 0.25
     seed: int = 0
-    options: dict = field(default_factory=dict)  # the objective's own settings
 
     def __post_init__(self) -> None:
         if not (0 < self.lr < 1):
@@ -110,15 +118,52 @@ class Objective:
     def reset(self) -> None:
         """Forget per-stream state (queues, moving averages)."""
 
+    def state_dict(self) -> dict:
+        """Per-stream state that must survive a stop and resume."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Inverse of :meth:`state_dict`."""
+
+
+OBJECTIVES: Registry[Callable[..., Objective]] = Registry("adaptation method")
+
+
+def register_objective(name: str) -> Callable[[type], type]:
+    """Class decorator: an objective ``name`` — also the adapt stage ``{adapt: name}`` and
+    the method ``name`` (encode + adapt + rank)."""
+
+    def deco(cls: type) -> type:
+        from qshift.methods import register_method
+        from qshift.pipeline.stage import register_stage
+
+        OBJECTIVES.add(name, cls)
+
+        def stage(**options: Any) -> Any:
+            from qshift.adapt.stage import AdaptStage
+
+            return AdaptStage(name, **options)
+
+        stage.option_names = lambda: None  # validated by AdaptStage itself  # type: ignore[attr-defined]
+        register_stage("adapt", name)(stage)
+        register_method(name)(lambda **params: [{"adapt": {"method": name, **params}}])
+        return cls
+
+    return deco
+
 
 class Adapter:
-    """Wraps an encoder's query tower; ``run`` adapts over a stream and returns scores."""
+    """Wraps an encoder's query tower; ``adapt`` adapts on one batch and embeds it."""
 
     def __init__(self, encoder: Any, gallery: np.ndarray, direction: str, cfg: AdaptConfig,
                  objective: Objective, *, source_texts: Sequence[str] | None = None,
                  gallery_fingerprint: str | None = None) -> None:
-        if direction not in ("t2i", "i2t", "t2t"):
-            raise InputError(f"adapt: unknown direction {direction!r}")
+        from qshift.encoders.base import AdaptableEncoder
+
+        check_direction(direction)
+        if not isinstance(encoder, AdaptableEncoder):
+            raise InputError(f"encoder {getattr(encoder, 'spec', encoder)!r} does not expose a differentiable query "
+                             "tower (prepare/forward/tower), so it cannot be adapted")
         if gallery_fingerprint is not None and gallery_fingerprint != encoder.fingerprint():
             raise StoreMismatchError(f"adapt: the gallery was encoded by {gallery_fingerprint}, not by the "
                                      f"query encoder {encoder.fingerprint()}; re-encode it with the same encoder")
@@ -131,14 +176,18 @@ class Adapter:
             raise InputError("adapt: gallery has non-finite rows "
                              f"{np.flatnonzero(~np.isfinite(gallery).all(1))[:10].tolist()}")
         self.encoder, self.direction, self.cfg, self.objective = encoder, direction, cfg, objective
-        self.modality = "image" if direction == "i2t" else "text"
-        self.tower = encoder.image_tower if self.modality == "image" else encoder.text_tower
+        self.modality = query_modality(direction)
+        self.tower = encoder.tower(self.modality)
+        if self.tower is not None:  # what close() must give back exactly
+            self._flags = {n: p.requires_grad for n, p in self.tower.named_parameters()}
+            self._training = {n: m.training for n, m in self.tower.named_modules()}
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.params = select_params(self.tower, cfg.params, cfg.last_k, cfg.lora_rank)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self._initial = [p.detach().clone() for p in self.params]
-        self.gallery = F.normalize(torch.from_numpy(gallery), dim=-1)
+        self.device = torch.device(getattr(encoder, "device", "cpu"))
+        self.gallery = F.normalize(torch.from_numpy(gallery), dim=-1).to(self.device)
         self.source_texts = list(source_texts) if source_texts is not None else None
         self.stats = {"batches": 0, "resets": 0, "divergences": 0, "collapses": 0}
         self._spread0: float | None = None
@@ -149,16 +198,11 @@ class Adapter:
         raw = list(raw)
         if not raw:
             raise InputError("adapt: a batch of size 0")
-        if self.modality == "text":
-            from qshift.encoders.base import check_texts
-
-            return Batch(raw, self.encoder.tokenize(check_texts(raw)), index)
-        return Batch(raw, self.encoder.preprocess([load_image(x) for x in raw]), index)
+        return Batch(raw, self.encoder.prepare(raw, self.modality), index)
 
     def forward(self, inputs: Any) -> torch.Tensor:
         """Normalised query embeddings of prepared inputs, with the graph kept."""
-        out = self.encoder.image_forward(inputs) if self.modality == "image" else self.encoder.text_forward(inputs)
-        return F.normalize(out.float(), dim=-1)
+        return F.normalize(self.encoder.forward(inputs, self.modality).float(), dim=-1)
 
     def candidates_mode(self, batch_size: int) -> str:
         if self.cfg.candidates != "auto":
@@ -182,13 +226,14 @@ class Adapter:
         return Predictions(q, logits / self.cfg.temperature, nn_idx, nn_feat)
 
     # -- the online loop ----------------------------------------------------------------
-    def adapt_batch(self, batch: Batch) -> np.ndarray:
-        """Adapt on one batch, then score it against the gallery (B × N, float32)."""
+    def step(self, batch: Batch, q0: torch.Tensor | None = None) -> torch.Tensor:
+        """Adapt on one batch, then embed it with the adapted tower (B × d, no graph).
+        ``q0``: the frozen model's embeddings of the batch, when the caller has them."""
         if self.cfg.episodic:
             self.reset()
         self.tower.eval()  # no dropout; norm layers use their affine parameters only
         with torch.no_grad():
-            q0 = self.forward(batch.inputs)
+            q0 = self.forward(batch.inputs) if q0 is None else F.normalize(q0.float().to(self.device), dim=-1)
         if not torch.isfinite(q0).all():
             raise InputError(f"adapt: the frozen encoder gives non-finite embeddings for batch {batch.index} "
                              "(check the queries)")
@@ -210,13 +255,12 @@ class Adapter:
                 break
         with torch.no_grad():
             q = self.forward(batch.inputs)
-            scores = q @ self.gallery.T
-        if diverged or not torch.isfinite(scores).all():
+        if diverged or not torch.isfinite(q).all():
             self.stats["divergences"] += 1
             warnings.warn(f"adapt ({self.objective.name}): diverged on batch {batch.index}; reset to the frozen "
                           "model", RuntimeWarning, stacklevel=2)
             self.reset()
-            scores = q0 @ self.gallery.T
+            q = q0
         elif self.cfg.reset_on_collapse and self._spread0 and len(q) > 1:
             spread = float((q - q.mean(0)).norm(dim=1).mean())
             if spread < self.cfg.collapse_ratio * self._spread0:
@@ -225,26 +269,14 @@ class Adapter:
                               f"(spread {spread:.3f} < {self.cfg.collapse_ratio} × {self._spread0:.3f}); reset",
                               RuntimeWarning, stacklevel=2)
                 self.reset()
-                scores = q0 @ self.gallery.T
+                q = q0
         self.stats["batches"] += 1
-        return scores.numpy().astype(np.float32)
+        return q
 
-    def run(self, queries: Sequence[Any], order: Sequence[int] | None = None, progress: bool = False) -> np.ndarray:
-        """Scores (Q × N, rows in the original order) after adapting along ``order``."""
-        n = len(queries)
-        if n == 0:
-            raise InputError("adapt: no queries")
-        order = np.arange(n) if order is None else np.asarray(order)
-        if sorted(order.tolist()) != list(range(n)):
-            raise InputError("adapt: order must be a permutation of the query indices")
-        out = np.empty((n, len(self.gallery)), np.float32)
-        bs = self.cfg.batch_size
-        with progress_bar(f"adapt ({self.objective.name})", n, progress) as bar:
-            for b, start in enumerate(range(0, n, bs)):
-                idx = order[start:start + bs]
-                out[idx] = self.adapt_batch(self.prepare([queries[i] for i in idx], b))
-                bar.advance(len(idx))
-        return out
+    def adapt(self, queries: Sequence[Any], frozen: np.ndarray | None = None, index: int = 0) -> np.ndarray:
+        """Adapt on a batch of raw queries; their adapted embeddings (B × d float32)."""
+        q0 = None if frozen is None else torch.from_numpy(np.ascontiguousarray(frozen, dtype=np.float32))
+        return self.step(self.prepare(queries, index), q0).cpu().numpy().astype(np.float32)
 
     def reset(self) -> None:
         """Back to the frozen model: initial parameters, fresh optimizer, objective state."""
@@ -255,8 +287,28 @@ class Adapter:
         self.objective.reset()
         self.stats["resets"] += 1
 
+    # -- state ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"params": [p.detach().cpu().clone() for p in self.params],
+                "optimizer": self.optimizer.state_dict(), "objective": self.objective.state_dict(),
+                "stats": dict(self.stats), "spread0": self._spread0, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        params = state["params"]
+        if len(params) != len(self.params) or any(a.shape != b.shape for a, b in zip(params, self.params)):
+            raise StoreMismatchError("adapt: the saved parameters do not fit this tower "
+                                     f"({len(params)} tensors saved, {len(self.params)} here)")
+        with torch.no_grad():
+            for p, v in zip(self.params, params):
+                p.copy_(v.to(p.device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.objective.load_state_dict(state["objective"])
+        self.stats = dict(state["stats"])
+        self._spread0 = state["spread0"]
+        self.generator.set_state(state["generator"])
+
     def close(self) -> None:
-        """Restore the tower to its initial state (and remove LoRA updates)."""
+        """Restore the tower exactly as it was before adaptation."""
         with torch.no_grad():
             for p, p0 in zip(self.params, self._initial):
                 p.copy_(p0)
@@ -264,8 +316,10 @@ class Adapter:
             from qshift.adapt.params import remove_lora
 
             remove_lora(self.tower)
-        for p in self.tower.parameters():
-            p.requires_grad_(True)
+        for n, p in self.tower.named_parameters():
+            p.requires_grad_(self._flags.get(n, p.requires_grad))
+        for n, m in self.tower.named_modules():
+            m.training = self._training.get(n, m.training)
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qshift.adapt.engine import Adapter, Batch, Predictions, softmax_entropy
+from qshift.adapt.engine import Adapter, Batch, Predictions, register_objective, softmax_entropy
 from qshift.adapt.tcr import TCR
 
 
@@ -40,6 +40,7 @@ def decouple(g_shift: list[torch.Tensor], g_src: list[torch.Tensor], source_weig
     return [a + source_weight * b for a, b in zip(g_shift, g_src)], conflict
 
 
+@register_objective("rest")
 class REST(TCR):
     name = "rest"
 
@@ -101,3 +102,10 @@ class REST(TCR):
     def reset(self) -> None:
         super().reset()
         self._g_src = None
+
+    def state_dict(self) -> dict:  # g_src is recomputed at the first step of every batch
+        return {**super().state_dict(), "conflicts": self.conflicts}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.conflicts = state["conflicts"]

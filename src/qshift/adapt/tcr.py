@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qshift.adapt.engine import Adapter, Batch, Objective, Predictions, softmax_entropy
+from qshift.adapt.engine import Adapter, Batch, Objective, Predictions, register_objective, softmax_entropy
 
 
 def source_likeness(q: torch.Tensor, c: torch.Tensor, q_center: torch.Tensor | None = None,
@@ -79,10 +79,42 @@ class Queue:
     def margin(self) -> torch.Tensor:
         return modality_gap(torch.stack(self.q), torch.stack(self.c))
 
+    def state_dict(self) -> dict:
+        return {"size": self.size, "score": list(self.score), "entropy": list(self.entropy),
+                "q": torch.stack(self.q) if self.q else None, "c": torch.stack(self.c) if self.c else None,
+                "raw": [raw_to_state(r) for r in self.raw]}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> "Queue | None":
+        if state is None:
+            return None
+        n = len(state["score"])
+        return cls(state["size"], list(state["score"]), [state["q"][i] for i in range(n)],
+                   [state["c"][i] for i in range(n)], list(state["entropy"]),
+                   [raw_from_state(r) for r in state["raw"]])
+
     def threshold(self) -> float:
         return max(self.entropy)
 
 
+def raw_to_state(item: object) -> object:
+    """A queued query in a form ``torch.load(weights_only=True)`` reads back: texts and
+    paths as strings, images as uint8 tensors."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(item, Image.Image):
+        return torch.from_numpy(np.asarray(item.convert("RGB"), dtype=np.uint8).copy())
+    if isinstance(item, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(item))
+    return str(item)
+
+
+def raw_from_state(item: object) -> object:
+    return item.numpy() if isinstance(item, torch.Tensor) else item
+
+
+@register_objective("tcr")
 class TCR(Objective):
     name = "tcr"
 
@@ -193,3 +225,19 @@ class TCR(Objective):
     def loss(self, adapter: Adapter, batch: Batch, pred: Predictions, step: int) -> torch.Tensor:
         terms = self.terms(adapter, batch, pred, step)
         return sum(terms.values()) if terms else pred.q.sum() * 0.0
+
+    # -- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"queue": self.queue.state_dict(), "q_center": self.q_center, "c_center": self.c_center,
+                "seen_batches": self.seen_batches, "ood_batches": self.ood_batches,
+                "anchor_queue": None if self.anchor_queue is None else self.anchor_queue.state_dict(),
+                "anchor_limit": self.anchor_limit, "anchor_centers": getattr(self, "_anchor_centers", None)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.queue = Queue.from_state(state["queue"])
+        self.q_center, self.c_center = state["q_center"], state["c_center"]
+        self.seen_batches, self.ood_batches = state["seen_batches"], state["ood_batches"]
+        self.anchor_queue = Queue.from_state(state["anchor_queue"])
+        self.anchor_limit = state["anchor_limit"]
+        if state["anchor_centers"] is not None:
+            self._anchor_centers = tuple(state["anchor_centers"])

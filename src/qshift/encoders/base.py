@@ -2,9 +2,14 @@
 
 An encoder turns captions and images into L2-normalised float32 vectors of one
 dimension. ``encode_text``/``encode_images`` run under ``torch.inference_mode`` in
-batches with an optional progress bar. For test-time adaptation the torch modules of
-each tower stay reachable (``text_tower``/``image_tower``) and
-``encode_text_torch``/``encode_images_torch`` keep the autograd graph.
+batches with an optional progress bar.
+
+Test-time adaptation needs more than vectors: :class:`AdaptableEncoder` is that
+contract — ``prepare`` (validate + tokenize texts, or load + preprocess images, exactly
+as ``encode_*`` do), ``forward`` (the differentiable query-tower forward of prepared
+inputs, unnormalised), ``tower`` (the tower's ``nn.Module``, whose parameters adapt) and
+``device``. Every :class:`TorchEncoder` implements it from its four hooks; the
+adaptation engine calls only these.
 """
 
 from __future__ import annotations
@@ -40,6 +45,19 @@ class Encoder(Protocol):
                       progress: bool = False) -> np.ndarray: ...
 
     def fingerprint(self) -> str: ...
+
+
+@runtime_checkable
+class AdaptableEncoder(Encoder, Protocol):
+    """What the adaptation engine calls (see the module docstring)."""
+
+    device: Any
+
+    def prepare(self, queries: Sequence[Any], modality: str) -> Any: ...
+
+    def forward(self, prepared: Any, modality: str) -> torch.Tensor: ...
+
+    def tower(self, modality: str) -> torch.nn.Module | None: ...
 
 
 def check_texts(texts: Sequence[str]) -> list[str]:
@@ -119,15 +137,28 @@ class TorchEncoder:
             raise InputError(f"encoder {self.spec!r} has no {modality} tower "
                              f"(it encodes: {', '.join(sorted(self.modalities))})")
 
+    # -- AdaptableEncoder ----------------------------------------------------------------
+    def prepare(self, queries: Sequence[Any], modality: str) -> Any:
+        """Model inputs of ``queries``: checked + tokenized texts, or loaded + preprocessed images."""
+        self._require(modality)
+        if modality == TEXT:
+            return self.tokenize(check_texts(queries))
+        return self.preprocess([load_image(x) for x in queries])
+
+    def forward(self, prepared: Any, modality: str) -> torch.Tensor:
+        """Unnormalised embeddings of prepared inputs, with the autograd graph kept."""
+        return self.text_forward(prepared) if modality == TEXT else self.image_forward(prepared)
+
+    def tower(self, modality: str) -> torch.nn.Module | None:
+        return self.text_tower if modality == TEXT else self.image_tower
+
     def encode_text_torch(self, texts: Sequence[str]) -> torch.Tensor:
         """Normalised text embeddings with the autograd graph kept (for adaptation)."""
-        self._require(TEXT)
-        return l2_normalize(self.text_forward(self.tokenize(check_texts(texts))))
+        return l2_normalize(self.forward(self.prepare(texts, TEXT), TEXT))
 
     def encode_images_torch(self, images: Sequence[ImageLike]) -> torch.Tensor:
         """Normalised image embeddings with the autograd graph kept (for adaptation)."""
-        self._require(IMAGE)
-        return l2_normalize(self.image_forward(self.preprocess([load_image(i) for i in images])))
+        return l2_normalize(self.forward(self.prepare(images, IMAGE), IMAGE))
 
     def encode_text(self, texts: Sequence[str], *, batch_size: int | None = None,
                     progress: bool = False) -> np.ndarray:

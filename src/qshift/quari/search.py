@@ -1,5 +1,6 @@
-"""Retrieval with a trained QuARI: exact full scoring, top-k re-ranking, full search on a
-FAISS index; the ``quari`` and ``ta`` benchmark methods."""
+"""Retrieval with a trained QuARI on embedding arrays: exact full scoring, top-k
+re-ranking, full search on a FAISS index; TA checkpoints. (The pipeline stages are in
+:mod:`qshift.quari.stage`.)"""
 
 from __future__ import annotations
 
@@ -9,14 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from qshift.errors import InputError
-from qshift.methods import RunContext
+from qshift.errors import CheckpointMismatchError, InputError
 from qshift.quari.model import QuARI
 from qshift.quari.scoring import lowrank_scores, search_vectors
-from qshift.quari.train import load_quari, project
-
-MODES = ("full", "rerank")
-
 
 @torch.inference_mode()
 def quari_scores(model: QuARI, queries: np.ndarray, gallery: np.ndarray, batch: int = 64,
@@ -75,47 +71,6 @@ def quari_search(model: QuARI, index: Any, gallery: np.ndarray, queries: np.ndar
     return np.concatenate(out_s), np.concatenate(out_l)
 
 
-class QuARIMethod:
-    """QuARI as a benchmark method: full search or re-ranking of the top-k."""
-
-    name = "quari"
-
-    def __init__(self, checkpoint: str, mode: str = "full", k: int = 100) -> None:
-        if mode not in MODES:
-            raise InputError(f"quari: mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if not (Path(checkpoint) / "quari.json").is_file() and not Path(checkpoint).with_name("quari.json").is_file():
-            raise InputError(f"quari: {checkpoint} is not a trained QuARI folder (no quari.json)")
-        self.checkpoint, self.mode, self.k = checkpoint, mode, k
-
-    def run(self, ctx: RunContext) -> np.ndarray:
-        model, proj, _ = load_quari(self.checkpoint, expect_backbone=ctx.encoder.fingerprint())
-        q, g = ctx.encode_queries(), ctx.gallery
-        if proj is not None:
-            q, g = project(q, proj), project(g, proj)
-        if self.mode == "full":
-            return quari_scores(model, q, g)
-        first = q @ g.T
-        k = min(self.k, g.shape[0])
-        cand = np.argpartition(-first, k - 1, axis=1)[:, :k]
-        s, lab = quari_rerank(model, q, g, cand)
-        out = first - 4.0                      # outside the top-k: first-stage order, below every candidate
-        np.put_along_axis(out, lab, s + 4.0, axis=1)
-        return out
-
-
-class TAMethod:
-    """The static task-adaptation baseline: score = cos(P q, P d)."""
-
-    name = "ta"
-
-    def __init__(self, checkpoint: str) -> None:
-        self.checkpoint = checkpoint
-
-    def run(self, ctx: RunContext) -> np.ndarray:
-        p = load_ta(self.checkpoint)
-        return project(ctx.encode_queries(), p) @ project(ctx.gallery, p).T
-
-
 def save_ta(path: str | Path, projection: np.ndarray, backbone: str = "") -> None:
     from safetensors.numpy import save_file
 
@@ -126,10 +81,23 @@ def save_ta(path: str | Path, projection: np.ndarray, backbone: str = "") -> Non
                   metadata={"backbone": backbone})
 
 
-def load_ta(path: str | Path) -> np.ndarray:
-    from safetensors.numpy import load_file
+def load_ta(path: str | Path, expect_backbone: str | None = None) -> np.ndarray:
+    """A TA projection; refused when it was trained on another encoder's embeddings."""
+    from safetensors import safe_open
 
     if not Path(path).is_file():
         raise InputError(f"ta: {path} not found")
-    return load_file(str(path))["ta_projection"]
+    try:
+        with safe_open(str(path), "np") as fh:
+            backbone = (fh.metadata() or {}).get("backbone")
+            if "ta_projection" not in fh.keys():
+                raise InputError(f"ta: {path} holds no 'ta_projection' tensor")
+            p = fh.get_tensor("ta_projection")
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unreadable file
+        raise InputError(f"ta: {path} is not a readable safetensors file ({exc})") from None
+    if expect_backbone is not None and backbone and backbone != expect_backbone:
+        raise CheckpointMismatchError(f"ta: {path} was trained on embeddings of {backbone}, not {expect_backbone}")
+    return p
 

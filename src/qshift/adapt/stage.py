@@ -1,0 +1,80 @@
+"""Online test-time adaptation as a pipeline stage: ``{adapt: {method: NAME, **options}}``.
+
+Options are the engine's (:class:`~qshift.adapt.engine.AdaptConfig`: ``params``, ``lr``,
+``steps``, ``temperature``, ``batch_size``, …) and the objective's own (e.g. TCR's
+``ratio``). The stage keeps one :class:`~qshift.adapt.engine.Adapter` across calls, so
+a stream adapts as it goes; its state saves and loads with the pipeline's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+from qshift.adapt.engine import OBJECTIVES, AdaptConfig, Adapter, Objective
+from qshift.errors import InputError
+from qshift.pipeline.batch import QueryBatch
+from qshift.pipeline.stage import Stage, check_options
+
+ENGINE_OPTIONS = frozenset(f.name for f in dataclasses.fields(AdaptConfig))
+
+
+def split_options(method: str, options: dict[str, Any]) -> tuple[AdaptConfig, dict[str, Any]]:
+    """Separate engine settings (AdaptConfig fields) from the objective's own options,
+    refusing names that are neither."""
+    factory = OBJECTIVES.get(method)
+    own: set[str] = set()
+    for cls in factory.__mro__:  # REST passes TCR's options on through **tcr
+        if cls not in (Objective, object) and "__init__" in vars(cls):
+            params = inspect.signature(cls.__init__).parameters.values()
+            own |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+    check_options(f"adapt stage {method!r}", options, ENGINE_OPTIONS | own)
+    engine = {k: v for k, v in options.items() if k in ENGINE_OPTIONS}
+    rest = {k: v for k, v in options.items() if k not in ENGINE_OPTIONS}
+    return AdaptConfig(**engine), rest
+
+
+def create_objective(method: str, options: dict[str, Any]) -> Objective:
+    try:
+        return OBJECTIVES.get(method)(**options)
+    except TypeError as exc:
+        raise InputError(f"{method}: {exc}") from None
+
+
+class AdaptStage(Stage):
+    kind = "adapt"
+    stateful = True
+
+    def __init__(self, method: str, **options: Any) -> None:
+        self.name = method
+        self.options = dict(options)
+        self.cfg, self.objective_options = split_options(method, self.options)  # validate now
+        create_objective(method, self.objective_options)
+        self.batch_size = options.get("batch_size")
+        self.adapter: Adapter | None = None
+
+    def setup(self, ctx: Any) -> None:
+        cfg = dataclasses.replace(self.cfg, batch_size=self.batch_size or ctx.batch_size,
+                                  seed=self.options.get("seed", ctx.seed))
+        self.adapter = Adapter(ctx.encoder, ctx.gallery_vectors(), ctx.direction, cfg,
+                               create_objective(self.name, self.objective_options), source_texts=ctx.source_texts)
+
+    def __call__(self, batch: QueryBatch) -> QueryBatch:
+        batch.embeddings = self.adapter.adapt(batch.queries, batch.embeddings, batch.index)
+        batch.info["adapt"] = dict(self.adapter.stats)
+        return batch
+
+    def reset(self) -> None:
+        self.adapter.reset()
+
+    def state_dict(self) -> dict:
+        return self.adapter.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.adapter.load_state_dict(state)
+
+    def close(self) -> None:
+        if self.adapter is not None:
+            self.adapter.close()
+            self.adapter = None

@@ -1,0 +1,231 @@
+"""Each TTA objective's loss against an independent computation on hand-made inputs.
+
+A small AdaptableEncoder over a fixed feature table (query "i" is row i; the tower is
+Linear + LayerNorm) makes every prediction reproducible, so each loss can be recomputed
+here with numpy from the predictions' logits. A sign flip or a dropped term in any
+objective turns one of these red.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qshift.adapt import create_adapter
+from helpers import DIM, FeatureEncoder
+
+pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
+
+N_GALLERY = 24
+
+
+def _entropy(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    return -(p * np.log(p)).sum(1)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
+@pytest.fixture()
+def setup():
+    enc = FeatureEncoder()
+    rng = np.random.default_rng(1)
+    gallery = rng.standard_normal((N_GALLERY, DIM)).astype(np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    queries = [str(i) for i in range(16)]
+    return enc, gallery, queries
+
+
+def _pred(adapter, queries):
+    batch = adapter.prepare(queries)
+    with torch.enable_grad():
+        pred = adapter.predict(adapter.forward(batch.inputs))
+    return batch, pred
+
+
+def test_tent_is_mean_entropy(setup):
+    enc, g, qs = setup
+    a = create_adapter(enc, g, "t2i", "tent", temperature=0.1)
+    batch, pred = _pred(a, qs)
+    assert pred.logits.shape == (16, 16)  # batch-nn candidates: one per query of the batch
+    loss = a.objective.loss(a, batch, pred, 0).detach()
+    assert float(loss) == pytest.approx(_entropy(pred.logits.detach().numpy()).mean(), rel=1e-5)
+    a.close()
+
+
+def test_read_reliability_and_balance(setup):
+    enc, g, qs = setup
+    a = create_adapter(enc, g, "t2i", "read", temperature=0.1)
+    batch, pred = _pred(a, qs)
+    p = _softmax(pred.logits.detach().numpy().astype(np.float64))
+    pmax = p.max(1)
+    reliable = (pmax * (1 - np.log(pmax) - 1)).mean()  # log γ = −1
+    s = p.sum(0)
+    balance = _entropy(s[None])[0]                     # entropy of softmax(Σ_i p_i)
+    assert float(a.objective.loss(a, batch, pred, 0).detach()) == pytest.approx(reliable - balance, rel=1e-5)
+    a.close()
+
+
+def _grad_at(a, values, loss_fn):
+    """∇ loss_fn() with the adapted parameters set to ``values`` (then restored)."""
+    saved = [p.detach().clone() for p in a.params]
+    with torch.no_grad():
+        for p, v in zip(a.params, values):
+            p.copy_(v)
+    with torch.enable_grad():
+        g = torch.autograd.grad(loss_fn(), a.params)
+    with torch.no_grad():
+        for p, v in zip(a.params, saved):
+            p.copy_(v)
+    return g
+
+
+def test_sar_reliable_entropy_and_sharpness_aware_step(setup):
+    enc, g, qs = setup
+    a = create_adapter(enc, g, "t2i", "sar", temperature=0.1, e0=0.4, rho=0.05, lr=1e-3)
+    batch, pred = _pred(a, qs)
+    ent = _entropy(pred.logits.detach().numpy())
+    margin = 0.4 * math.log(16)
+    keep = ent < margin
+    assert keep.any() and not keep.all()
+    assert float(a.objective.loss(a, batch, pred, 0)) == pytest.approx(ent[keep].mean(), rel=1e-5)
+
+    def reliable_entropy():  # SAR Eq. 2 with the filter evaluated at the current parameters
+        logits = a.predict(a.forward(batch.inputs)).logits
+        e = -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
+        return e[e < margin].mean()
+
+    theta = [p.detach().clone() for p in a.params]
+    g0 = _grad_at(a, theta, reliable_entropy)
+    norm = torch.sqrt(sum((x ** 2).sum() for x in g0))
+    g1 = _grad_at(a, [t + 0.05 * x / norm for t, x in zip(theta, g0)], reliable_entropy)
+    seen = {}
+
+    def capture(*args, **kwargs):
+        seen["grads"] = [p.grad.detach().clone() for p in a.params]
+        seen["at"] = [p.detach().clone() for p in a.params]
+
+    a.optimizer.step = capture
+    _, pred = _pred(a, qs)
+    a.objective.update(a, batch, a.objective.loss(a, batch, pred, 0), 0)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(seen["at"], theta))  # ε undone before the step
+    assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-7) for x, y in zip(seen["grads"], g1))  # gradient at θ + ε
+    assert not all(torch.allclose(x, y, rtol=1e-3, atol=1e-6) for x, y in zip(g0, g1))  # ≠ the plain gradient
+    a.close()
+
+
+def test_deyo_selects_by_entropy_and_plpd_and_weights(setup):
+    enc, g, qs = setup
+    a = create_adapter(enc, g, "t2i", "deyo", temperature=0.1, margin=0.5)
+    obj = a.objective
+    destroyed = a.prepare([str(i) for i in range(40, 56)]).inputs   # stands for the object-destroyed views
+    obj.destroy = lambda adapter, batch: destroyed
+    batch, pred = _pred(a, qs)
+    logits = pred.logits.detach().numpy()
+    p = _softmax(logits)
+    yhat = p.argmax(1)
+    with torch.no_grad():
+        q_aug = a.forward(destroyed)
+    p_aug = _softmax((q_aug @ pred.nn_feat.T).numpy() / 0.1)
+    plpd = p[np.arange(16), yhat] - p_aug[np.arange(16), yhat]
+    ent = _entropy(logits)
+    margin = 0.5 * math.log(16)
+    obj.plpd_threshold = float(np.median(plpd))
+    keep = (ent < margin) & (plpd > obj.plpd_threshold)
+    assert 0 < keep.sum() < 16
+    want = (ent * (np.exp(-(ent - margin)) + np.exp(plpd)))[keep].mean()
+    assert float(obj.loss(a, batch, pred, 0)) == pytest.approx(want, rel=1e-4)
+    a.close()
+
+
+def _queue(obj, q, c, ent):
+    from qshift.adapt.tcr import Queue
+
+    obj.queue = Queue(obj.queue_size)
+    obj.queue.add(torch.zeros(len(q)), q, c, torch.as_tensor(ent), [str(i) for i in range(len(q))])
+
+
+def test_tcr_three_terms(setup):
+    enc, g, qs = setup
+    a = create_adapter(enc, g, "t2i", "tcr", temperature=0.1, t=0.1)
+    obj = a.objective
+    rng = np.random.default_rng(5)
+    qq = torch.from_numpy(rng.standard_normal((6, DIM)).astype(np.float32))
+    cc = torch.from_numpy(g[:6])
+    batch, pred = _pred(a, qs)
+    ent = _entropy(pred.logits.detach().numpy())
+    top = float(np.median(ent))
+    _queue(obj, F.normalize(qq, dim=-1), cc, [top / 4, top / 2, top, top / 3, top / 5, top / 6])
+    terms = obj.terms(a, batch, pred, 1)  # step 1: the queue is not updated
+    q, c = pred.q.detach().numpy(), pred.nn_feat.numpy()
+    thr = top + 1e-3                                                   # the queue's largest entropy
+    w = np.clip(1 - ent / thr, 0, None)
+    keep = ent <= thr
+    assert keep.any() and not keep.all()
+    assert float(terms["entropy"]) == pytest.approx((ent * w)[keep].mean(), rel=1e-5)          # Eq. 4
+    assert float(terms["uniformity"]) == pytest.approx(
+        np.exp(-0.1 * np.linalg.norm(q - q.mean(0), axis=1)).mean(), rel=1e-5)                  # Eq. 9
+
+    def gap(x, y):
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        y = y / np.linalg.norm(y, axis=1, keepdims=True)
+        return np.linalg.norm(x.mean(0) - y.mean(0))
+
+    ref = gap(F.normalize(qq, dim=-1).numpy(), g[:6])
+    assert float(terms["gap"]) == pytest.approx((gap(q, c) - ref) ** 2, rel=1e-4)                # Eq. 6
+    assert float(obj.loss(a, batch, pred, 1)) == pytest.approx(sum(float(v) for v in terms.values()), rel=1e-5)
+    a.close()
+
+
+def test_rest_consistency_and_source_loss(setup):
+    enc, g, qs = setup
+    a = create_adapter(enc, g, "t2i", "rest", temperature=0.1, source_batch=4)
+    obj = a.objective
+    rng = np.random.default_rng(6)
+    batch, pred = _pred(a, qs)
+    top = float(np.median(_entropy(pred.logits.detach().numpy())))
+    _queue(obj, F.normalize(torch.from_numpy(rng.standard_normal((6, DIM)).astype(np.float32)), dim=-1),
+           torch.from_numpy(g[:6]), [top / 4, top / 2, top, top / 3, top / 5, top / 6])
+    tcr_terms = sum(float(v) for v in obj.terms(a, batch, pred, 1).values())
+    q, c = pred.q.detach().numpy().astype(np.float64), pred.nn_feat.numpy().astype(np.float64)
+    logits = q @ c.T / 0.1                                   # query i × candidate c_j
+    col = logits - logits.max(0, keepdims=True)
+    log_sm = col - np.log(np.exp(col).sum(0, keepdims=True))  # softmax over the queries, per candidate
+    back = -np.diag(log_sm)                                   # c_i should pick query i back
+    ent = _entropy(pred.logits.detach().numpy())
+    w = np.clip(1 - ent / (top + 1e-3), 0, None)
+    assert 0 < (w > 0).sum() < len(w)
+    consistency = (w * back).sum() / w.sum()
+    assert float(obj.loss(a, batch, pred, 1)) == pytest.approx(tcr_terms + consistency, rel=1e-4)
+    # source knowledge (gradient decoupling's g_src): InfoNCE of the queued queries to their own candidates
+    raw = obj.queue.raw[:4]
+    with torch.no_grad():
+        sq = a.forward(a.prepare(raw).inputs).numpy()
+    sl = sq @ torch.stack(obj.queue.c[:4]).numpy().T / 0.1
+    ce = np.mean(np.log(np.exp(sl).sum(1)) - np.diag(sl))
+    assert float(obj._source_loss(a)) == pytest.approx(ce, rel=1e-4)
+    a.close()
+
+
+def test_every_objective_moves_the_parameters(setup):
+    """An update that is a no-op (or a loss without gradient) fails here."""
+    from qshift.adapt import OBJECTIVES
+
+    enc, g, qs = setup
+    for name in OBJECTIVES:
+        a = create_adapter(enc, g, "t2i", name, temperature=0.1, lr=1e-2, steps=2,
+                           source_texts=[str(i) for i in range(32, 64)], reset_on_collapse=False)
+        if name == "deyo":
+            a.objective.destroy = lambda adapter, batch: adapter.prepare([str(i) for i in range(40, 56)]).inputs
+            a.objective.plpd_threshold = -1.0
+        a.adapt(qs)
+        assert any(not torch.equal(p, p0) for p, p0 in zip(a.params, a._initial)), name
+        a.close()
