@@ -122,6 +122,51 @@ def test_sar_reliable_entropy_and_sharpness_aware_step(setup):
     a.close()
 
 
+def test_eata_loss_filters_weights_and_fisher_term(setup):
+    enc, g, qs = setup
+    source = [str(i) for i in range(32, 64)]
+    a = create_adapter(enc, g, "t2i", "eata", temperature=0.1, batch_size=16, source_texts=source,
+                       e_margin=0.4, d_margin=0.05, fisher_alpha=2000.0)
+    obj = a.objective
+    # the Fisher, as EATA's code computes it: mean over source batches of (∇ CE(logits, argmax))²
+    expected = [torch.zeros_like(p) for p in a.params]
+    for chunk in (source[:16], source[16:]):
+        inputs = a.prepare(chunk).inputs
+
+        def ce():
+            logits = a.predict(a.forward(inputs)).logits
+            return F.cross_entropy(logits, logits.detach().argmax(1))
+
+        expected = [e + x ** 2 / 2 for e, x in zip(expected, _grad_at(a, a._initial, ce))]
+    assert all(torch.allclose(f, e, rtol=1e-5, atol=1e-12) for f, e in zip(obj.fisher, expected))
+    assert any(float(f.abs().sum()) > 0 for f in obj.fisher)
+
+    delta = [0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(a.params)]
+    with torch.no_grad():
+        for p, d in zip(a.params, delta):
+            p.add_(d)
+    batch, pred = _pred(a, qs)
+    logits = pred.logits.detach().numpy()
+    ent = _entropy(logits)
+    margin = 0.4 * math.log(16)
+    keep = ent < margin
+    assert keep.any() and not keep.all()
+    reg = sum(float((f * d ** 2).sum()) for f, d in zip(obj.fisher, delta))
+    want = (ent * np.exp(-(ent - margin)))[keep].sum() / keep.sum() + 2000.0 * reg
+    assert float(obj.loss(a, batch, pred, 0)) == pytest.approx(want, rel=1e-4)
+    assert reg > 0
+    # redundancy: queries whose whole-gallery prediction is too close to the running mean are dropped
+    p_full = _softmax((pred.q.detach().numpy() @ g.T) / 0.1)
+    obj.mean_prob = torch.from_numpy(p_full[0].astype(np.float32))
+    cos = p_full @ p_full[0] / (np.linalg.norm(p_full, axis=1) * np.linalg.norm(p_full[0]))
+    obj.d_margin = float(np.median(cos))
+    keep2 = keep & (cos < obj.d_margin)
+    assert 0 < keep2.sum() < keep.sum()
+    want2 = (ent * np.exp(-(ent - margin)))[keep2].sum() / keep2.sum() + 2000.0 * reg
+    assert float(obj.loss(a, batch, pred, 1)) == pytest.approx(want2, rel=1e-4)
+    a.close()
+
+
 def test_deyo_selects_by_entropy_and_plpd_and_weights(setup):
     enc, g, qs = setup
     a = create_adapter(enc, g, "t2i", "deyo", temperature=0.1, margin=0.5)
