@@ -260,6 +260,60 @@ def test_rest_consistency_and_source_loss(setup):
     a.close()
 
 
+@pytest.mark.parametrize("proxies", ["prototypes", "items"])
+def test_epcl_pulls_to_the_candidates_proxy_and_pushes_from_exclusions(setup, proxies):
+    enc, g, qs = setup
+    a = create_adapter(enc, g, "t2i", "epcl", temperature=0.5, k_pos=3, exclude_rank=0.5, proxies=proxies,
+                       n_proxies=6, n_items=5)
+    obj = a.objective
+    batch, pred = _pred(a, qs)
+    gen_state = a.generator.get_state()
+    loss = float(obj.loss(a, batch, pred, 0).detach())
+    q = pred.q.detach().numpy().astype(np.float64)
+    s = q @ g.T
+    top = np.argsort(-s, axis=1)[:, :3]
+    w = _softmax(np.take_along_axis(s, top, 1) / 0.5)
+    pos = np.einsum("bk,bkd->bd", w, g[top])
+    pos /= np.linalg.norm(pos, axis=1, keepdims=True)
+    cut = max(4, math.ceil(0.5 * N_GALLERY))
+    thr = -np.sort(-s, axis=1)[:, cut - 1:cut]
+    if proxies == "prototypes":
+        assign, cent = obj.proxies.assign.numpy(), obj.proxies.centroids.numpy()
+        best = np.stack([s[:, assign == m].max(1) for m in range(len(cent))], 1)
+        excl, neg = best < thr, np.broadcast_to(cent, (16, *cent.shape))
+    else:  # the same draw as the objective's: uniform scores over the items below the cut-off
+        a.generator.set_state(gen_state)
+        rnd = torch.rand(s.shape, generator=a.generator).numpy()
+        pick = np.argsort(-np.where(s < thr, rnd, -1.0), axis=1, kind="stable")[:, :5]
+        excl, neg = np.take_along_axis(s < thr, pick, 1), g[pick]
+    has = excl.any(1)
+    assert has.sum() >= 8 and excl.all() == (proxies == "items")  # items are drawn from below the cut-off
+    lp = (q * pos).sum(1) / 0.5
+    ln = np.where(excl, np.einsum("bd,bmd->bm", q, neg) / 0.5, -np.inf)
+    full = np.concatenate([lp[:, None], ln], 1)
+    want = -(lp - np.log(np.exp(full - full.max(1, keepdims=True)).sum(1)) - full.max(1))
+    assert loss == pytest.approx(want[has].mean(), rel=1e-4) and loss > 0.05
+    assert np.array_equal(obj.learned.numpy(), has)  # every query with an exclusion set, whatever its confidence
+    # the top-1 candidate is never excluded: its cluster has a member (itself) above the cut-off
+    if proxies == "prototypes":
+        assert not excl[np.arange(16), assign[top[:, 0]]].any()
+    a.close()
+
+
+def test_rest_with_epcl_adds_the_term(setup):
+    enc, g, qs = setup
+    plain = create_adapter(enc, g, "t2i", "rest", temperature=0.1)
+    both = create_adapter(enc, g, "t2i", "rest", temperature=0.1, epcl_weight=2.0, epcl={"n_proxies": 6})
+    solo = create_adapter(enc, g, "t2i", "epcl", temperature=0.1, n_proxies=6)
+    batch, pred = _pred(plain, qs)
+    l_plain = float(plain.objective.loss(plain, batch, pred, 0).detach())
+    l_both = float(both.objective.loss(both, batch, pred, 0).detach())
+    l_solo = float(solo.objective.loss(solo, batch, pred, 0).detach())
+    assert l_both == pytest.approx(l_plain + 2.0 * l_solo, rel=1e-4)
+    for x in (plain, both, solo):
+        x.close()
+
+
 def test_every_objective_moves_the_parameters(setup):
     """An update that is a no-op (or a loss without gradient) fails here."""
     from qshift.adapt import OBJECTIVES

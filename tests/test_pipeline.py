@@ -221,12 +221,14 @@ def test_adapt_then_transform_compose(world, quari_dir):
 
 
 # -- state: stop, save, resume ---------------------------------------------------------------
-@pytest.mark.parametrize("method", ["tent", "eata", "sar", "read", "deyo", "tcr", "rest"])
+@pytest.mark.parametrize("method", ["tent", "eata", "sar", "read", "deyo", "tcr", "rest", "epcl", "rest+epcl"])
 def test_stop_after_batch_k_and_resume_equals_one_run(tiny_clip, tmp_path, method):
     g = tiny_clip.encode_text(TEXTS)
     queries = [t.replace("a ", "one ", 1) + f" {i % 3}" for i, t in enumerate(TEXTS)]
     order = np.random.default_rng(1).permutation(len(queries))
-    cfg = [{"adapt": {"method": method, "lr": 1e-2, "batch_size": 8, "steps": 2}}]
+    extra = {"epcl_weight": 1.0, "epcl": {"n_proxies": 4}} if method == "rest+epcl" else \
+        {"n_proxies": 4} if method == "epcl" else {}
+    cfg = [{"adapt": {"method": method.split("+")[0], "lr": 1e-2, "batch_size": 8, "steps": 2, **extra}}]
     ctx = lambda: PipelineContext(tiny_clip, "t2i", gallery=g, source_texts=TEXTS[::3])  # noqa: E731
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

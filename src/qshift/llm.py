@@ -91,6 +91,35 @@ class LocalLLM:
                                        pad_token_id=self._tok.eos_token_id)
         return self._tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
 
+    def generate(self, conversations: list[list[dict]], temperature: float = 0.0, batch_size: int = 16,
+                 max_time: float | None = None, seed: int = 0) -> list[str]:
+        """Replies to several chats; greedy when ``temperature`` is 0. transformers runs them
+        in padded batches (one forward per token for the whole batch); llama.cpp one by one.
+        ``max_time`` bounds each batch's generation (seconds)."""
+        if self.backend == "llama_cpp":
+            return [self._llama.create_chat_completion(messages=m, max_tokens=self.max_new_tokens,
+                                                       temperature=temperature, seed=seed)["choices"][0]["message"]
+                    ["content"] for m in conversations]
+        import torch
+
+        tok = self._tok
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        out: list[str] = []
+        for s in range(0, len(conversations), batch_size):
+            prompts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+                       for m in conversations[s:s + batch_size]]
+            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            torch.manual_seed(seed)
+            with torch.inference_mode():
+                gen = self._model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=temperature > 0,
+                                           temperature=max(temperature, 1e-5) if temperature > 0 else None,
+                                           top_p=0.9 if temperature > 0 else None, top_k=None,
+                                           pad_token_id=tok.pad_token_id, max_time=max_time)
+            out += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return out
+
     def rewrite(self, text: str, style: str, severity: int = 3, seed: int = 0) -> str:
         """``text`` rewritten in ``style`` (a sentence-level corruption name, or 'repair')."""
         if style not in STYLE_PROMPTS:

@@ -62,6 +62,7 @@ class DeYO(Objective):
             p_aug = (logits_aug / adapter.cfg.temperature).softmax(1)
             plpd = probs.detach().gather(1, yhat[:, None])[:, 0] - p_aug.gather(1, yhat[:, None])[:, 0]
         keep &= plpd > self.plpd_threshold                             # DeYO Eq. 9: sample selection
+        self.learned = keep
         if not keep.any():
             return ent.sum() * 0.0
         weight = torch.exp(-(ent.detach() - margin)) + torch.exp(plpd)  # Eq. 10: sample weighting

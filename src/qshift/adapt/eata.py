@@ -71,6 +71,7 @@ class EATA(Objective):
         if keep.any() and step == 0:
             new = p_full[keep].mean(0)
             self.mean_prob = new if self.mean_prob is None else 0.9 * self.mean_prob + 0.1 * new
+        self.learned = keep
         weight = torch.exp(-(ent.detach() - margin))                  # Eq. 10: S(x) = 1 / exp(E − E0)
         loss = (ent * weight)[keep].sum() / max(1, int(keep.sum())) if keep.any() else ent.sum() * 0.0
         reg = sum(((f * (p - p0) ** 2).sum() for f, p, p0 in zip(self.fisher, adapter.params, adapter._initial)))

@@ -100,9 +100,14 @@ class Predictions:
 
 
 class Objective:
-    """A method: a loss over query predictions, plus optional set-up and update hooks."""
+    """A method: a loss over query predictions, plus optional set-up and update hooks.
+
+    After ``loss`` an objective may set ``learned`` to a boolean mask of the batch's
+    queries its loss learnt from (None: all of them); the engine reports the share.
+    """
 
     name = "objective"
+    learned: Any = None
 
     def setup(self, adapter: "Adapter") -> None:
         """Called once before the stream (e.g. Fisher information, source anchors)."""
@@ -189,7 +194,7 @@ class Adapter:
         self.device = torch.device(getattr(encoder, "device", "cpu"))
         self.gallery = F.normalize(torch.from_numpy(gallery), dim=-1).to(self.device)
         self.source_texts = list(source_texts) if source_texts is not None else None
-        self.stats = {"batches": 0, "resets": 0, "divergences": 0, "collapses": 0}
+        self.stats = {"batches": 0, "resets": 0, "divergences": 0, "collapses": 0, "learning_share": 0.0}
         self._spread0: float | None = None
         self.objective.setup(self)
 
@@ -243,7 +248,10 @@ class Adapter:
         for step in range(self.cfg.steps):
             with torch.enable_grad():
                 pred = self.predict(self.forward(batch.inputs))
+                self.objective.learned = None
                 loss = self.objective.loss(self, batch, pred, step)
+                if step == 0:
+                    self._record_share(len(q0))
                 if loss is None or not loss.requires_grad:
                     break  # nothing to learn from this batch (e.g. no reliable query)
                 if not torch.isfinite(loss):
@@ -272,6 +280,13 @@ class Adapter:
                 q = q0
         self.stats["batches"] += 1
         return q
+
+    def _record_share(self, n: int) -> None:
+        """Running mean over batches of the share of queries the loss learnt from."""
+        learned = self.objective.learned
+        share = 1.0 if learned is None else float(torch.as_tensor(learned, dtype=torch.float32).mean())
+        b = self.stats["batches"]
+        self.stats["learning_share"] = (self.stats["learning_share"] * b + share) / (b + 1)
 
     def adapt(self, queries: Sequence[Any], frozen: np.ndarray | None = None, index: int = 0) -> np.ndarray:
         """Adapt on a batch of raw queries; their adapted embeddings (B × d float32)."""

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from qshift.adapt.engine import Adapter, Batch, Predictions, register_objective, softmax_entropy
 from qshift.adapt.tcr import TCR
+from qshift.errors import InputError
 
 
 def decouple(g_shift: list[torch.Tensor], g_src: list[torch.Tensor], source_weight: float = 1.0
@@ -45,8 +46,17 @@ class REST(TCR):
     name = "rest"
 
     def __init__(self, use_consistency: bool = True, decouple: bool = True, source_weight: float = 1.0,
-                 source_batch: int = 16, consistency_weight: float = 1.0, **tcr: object) -> None:
+                 source_batch: int = 16, consistency_weight: float = 1.0, epcl_weight: float = 0.0,
+                 epcl: dict | None = None, **tcr: object) -> None:
         super().__init__(**tcr)  # type: ignore[arg-type]
+        from qshift.adapt.epcl import EPCLConfig
+
+        self.epcl_weight = float(epcl_weight)
+        try:
+            self.epcl = EPCLConfig(**(epcl or {}))
+        except TypeError as exc:
+            raise InputError(f"rest: epcl options: {exc}") from None
+        self._proxies = None
         self.use_consistency, self.decouple = use_consistency, decouple
         self.source_weight, self.source_batch, self.consistency_weight = source_weight, source_batch, consistency_weight
         self._g_src: list[torch.Tensor] | None = None
@@ -64,7 +74,20 @@ class REST(TCR):
             else:
                 w = torch.ones_like(back)
             terms["consistency"] = self.consistency_weight * (w * back).sum() / w.sum().clamp_min(1e-6)
+        if self.epcl_weight > 0:  # ReEx's exclusion-guided proxy contrast added to REST
+            from qshift.adapt.epcl import epcl_loss
+
+            loss, has = epcl_loss(adapter, pred, self.epcl, self._proxies)
+            terms["epcl"] = self.epcl_weight * loss
+            self.learned = has if self.learned is None else (self.learned | has)
         return sum(terms.values()) if terms else pred.q.sum() * 0.0
+
+    def setup(self, adapter: Adapter) -> None:
+        super().setup(adapter)
+        if self.epcl_weight > 0 and self.epcl.proxies == "prototypes":
+            from qshift.adapt.epcl import ExclusionProxies
+
+            self._proxies = ExclusionProxies(adapter.gallery, self.epcl.n_proxies, adapter.cfg.seed)
 
     def _source_loss(self, adapter: Adapter) -> torch.Tensor | None:
         ref = self.reference()
@@ -104,8 +127,11 @@ class REST(TCR):
         self._g_src = None
 
     def state_dict(self) -> dict:  # g_src is recomputed at the first step of every batch
-        return {**super().state_dict(), "conflicts": self.conflicts}
+        return {**super().state_dict(), "conflicts": self.conflicts,
+                "proxies": None if self._proxies is None else self._proxies.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.conflicts = state["conflicts"]
+        if state["proxies"] is not None:
+            self._proxies.load_state_dict(state["proxies"])

@@ -25,6 +25,7 @@ class SAR(Objective):
         ent = softmax_entropy(pred.logits)
         self._margin = self.e0 * math.log(pred.logits.shape[1])
         keep = ent < self._margin                                      # SAR Eq. 2: reliable entropy
+        self.learned = keep
         return ent[keep].mean() if keep.any() else ent.sum() * 0.0
 
     def update(self, adapter: Adapter, batch: Batch, loss: torch.Tensor, step: int) -> None:

@@ -211,6 +211,7 @@ class TCR(Objective):
             thr = ref.threshold() + 1e-3
             w = (1 - ent.detach() / thr).clamp_min(0)                   # Eq. 4: noise-robust weights
             keep = ent.detach() <= thr
+            self.learned = keep & (w > 0)                               # the queries the entropy term weighs
             out["entropy"] = (ent * w)[keep].mean() if keep.any() else ent.sum() * 0.0
         elif self.use_entropy:
             out["entropy"] = ent.mean()

@@ -137,6 +137,16 @@ class TorchEncoder:
             raise InputError(f"encoder {self.spec!r} has no {modality} tower "
                              f"(it encodes: {', '.join(sorted(self.modalities))})")
 
+    def temperature(self) -> float | None:
+        """The trained softmax temperature (1 / exp(logit_scale)) of a contrastive model,
+        or None when the encoder was not trained with one (e.g. sentence-transformers)."""
+        scale = getattr(getattr(self, "model", None), "logit_scale", None)
+        if scale is None or not hasattr(scale, "detach"):
+            return None
+        import torch
+
+        return float(1.0 / torch.exp(scale.detach().float().reshape(-1)[0]))
+
     # -- AdaptableEncoder ----------------------------------------------------------------
     def prepare(self, queries: Sequence[Any], modality: str) -> Any:
         """Model inputs of ``queries``: checked + tokenized texts, or loaded + preprocessed images."""

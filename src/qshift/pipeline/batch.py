@@ -36,7 +36,8 @@ class QueryBatch:
 
     ``raw`` never changes; ``queries`` is what the encoder sees (a ``refine`` stage may
     replace it) and ``views`` holds alternative versions of each query (e.g. a repaired
-    text) with their embeddings in ``view_embeddings``. ``k`` is how many results the
+    text) with their embeddings in ``view_embeddings``; a refine stage may set ``fuse``, the
+    rule the encode stage applies once the views are encoded. ``k`` is how many results the
     rank stage keeps (``None``: score rows over the whole gallery, as the benchmark
     needs). ``meta`` has one dict per query (what a stage changed, confidences);
     ``info`` batch-level notes (adaptation counters); ``timings`` seconds per stage.
@@ -51,6 +52,7 @@ class QueryBatch:
     views: dict[str, list[Any]] = field(default_factory=dict)
     embeddings: np.ndarray | None = None
     view_embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+    fuse: Any = None              # fuse(batch, ctx): set by a refine stage, applied by the encode stage
     transform: QueryTransform | None = None
     scores: np.ndarray | None = None
     labels: np.ndarray | None = None

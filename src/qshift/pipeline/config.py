@@ -6,6 +6,7 @@ A config is a list whose entries each name one stage by its kind::
     - adapt: {method: rest, lr: 0.001}     # kind: {method|name: NAME, **options}
     - transform: {quari: runs/quari}       # kind: {NAME: primary option}
     - transform: {quari: {checkpoint: runs/quari, mode: rerank}}
+    - refine: {spell: {vocabulary: world:train}, mode: replace}   # NAME: options, + more
 
 ``encode`` and ``rank`` are implied when not named. The same list may sit under a
 ``stages:`` key of a mapping, in a YAML/TOML file, or come from a method name
@@ -60,16 +61,21 @@ def _entry(entry: Any, where: str) -> StageSpec:
     for key in ("method", "name"):
         if key in opts:
             return StageSpec(kind, _known(kind, str(opts.pop(key)), where), opts)
-    if len(opts) == 1 and next(iter(opts)) in STAGES[kind]:
-        (name, sub), = opts.items()
+    named = [k for k in opts if k in STAGES[kind]]
+    if len(named) == 1:  # {NAME: options-or-primary, **more options}
+        name = named[0]
+        sub = opts.pop(name)
         if isinstance(sub, dict):
-            return StageSpec(kind, name, dict(sub))
+            clash = sorted(set(sub) & set(opts))
+            if clash:
+                raise InputError(f"{where}: {kind} stage {name!r}: options {clash} given twice")
+            return StageSpec(kind, name, {**sub, **opts})
         if sub is None:
-            return StageSpec(kind, name)
+            return StageSpec(kind, name, opts)
         primary = getattr(STAGES[kind].get(name), "primary_option", None)
         if primary is None:
             raise InputError(f"{where}: {kind} stage {name!r} takes options as a mapping, got {sub!r}")
-        return StageSpec(kind, name, {primary: sub})
+        return StageSpec(kind, name, {primary: sub, **opts})
     if kind in IMPLIED:  # options of the implied stage, e.g. {rank: {overfetch: 20}}
         return StageSpec(kind, IMPLIED[kind], opts)
     raise InputError(f"{where}: {kind}: name the stage with 'method:' or as the only key "

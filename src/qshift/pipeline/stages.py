@@ -19,7 +19,8 @@ RERANK_OFFSET = 4.0
 
 @register_stage("encode", "frozen")
 class FrozenEncode(Stage):
-    """Embeddings of ``batch.queries`` and of every view, by the frozen encoder.
+    """Embeddings of ``batch.queries`` and of every view, by the frozen encoder; then the
+    batch's ``fuse`` rule, if a refine stage set one (e.g. confidence-guided fusion).
 
     Rows already present (the benchmark passes embeddings from the store) are kept.
     """
@@ -46,6 +47,8 @@ class FrozenEncode(Stage):
         for name, view in batch.views.items():
             if name not in batch.view_embeddings:
                 batch.view_embeddings[name] = self.encode(view)
+        if batch.fuse is not None:
+            batch.fuse(batch, self.ctx)
         return batch
 
 

@@ -1,0 +1,100 @@
+"""Confidence-Guided Dynamic Fusion (ReEx's GSR, reconstruction).
+
+ReEx's abstract says only that LLM repairs are "anchored" by a confidence-guided fusion
+that prevents semantic drift. qshift's reading, every choice an option:
+
+* **Confidence** of a query embedding e over the gallery G (``confidence``):
+  ``top1`` — the top-1 probability of softmax(e·G / τ), τ = the encoder's trained
+  temperature (``temperature`` overrides; 0.05 when the encoder has none);
+  ``margin`` — the top-1 minus top-2 cosine; ``entropy`` — 1 − H(p)/ln N.
+* **Weight of the repair** w = w_max · c_r^β / (c_r^β + c_o^β): it grows with the
+  repair's confidence c_r and falls with the original's c_o, is ½·w_max when both are
+  equally sure, and never exceeds ½·w_max when the original is fully confident
+  (c_o = 1 ≥ c_r), so a confident original is not overridden.
+* **Fused query** = normalise((1 − w)·e_o + w·e_r). For dot-product ranking this is
+  also the fusion of the two score rows ((1 − w)·s_o + w·s_r, up to a per-query scale
+  that does not change the ranking), and it keeps adapt/transform stages downstream.
+* **Guards**: w = 0 when the repaired text equals the original (identity: nothing
+  changes) or when cos(e_o, e_r) < ``min_cos`` (the repair drifted from the query).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qshift.errors import InputError
+
+CONFIDENCES = ("top1", "margin", "entropy")
+
+
+def confidence(emb: np.ndarray, gallery: np.ndarray, kind: str = "top1", temperature: float = 0.05) -> np.ndarray:
+    """Per-row retrieval confidence in [0, 1] of embeddings against the gallery."""
+    sims = np.asarray(emb, dtype=np.float32) @ gallery.T
+    if kind == "margin":
+        top2 = -np.partition(-sims, 1, axis=1)[:, :2]
+        return np.clip(top2[:, 0] - top2[:, 1], 0.0, 1.0)
+    z = sims / temperature
+    z = z - z.max(1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(1, keepdims=True)
+    if kind == "top1":
+        return p.max(1)
+    if kind == "entropy":
+        h = -(p * np.log(np.clip(p, 1e-30, None))).sum(1)
+        return 1.0 - h / np.log(sims.shape[1]) if sims.shape[1] > 1 else np.ones(len(p))
+    raise InputError(f"fusion: confidence must be one of {', '.join(CONFIDENCES)}, got {kind!r}")
+
+
+def repair_weight(c_orig: np.ndarray, c_rep: np.ndarray, beta: float = 1.0, w_max: float = 1.0) -> np.ndarray:
+    """w = w_max · c_r^β / (c_r^β + c_o^β) (½·w_max when both are zero)."""
+    a = np.power(np.clip(c_rep, 0, 1), beta)
+    b = np.power(np.clip(c_orig, 0, 1), beta)
+    den = a + b
+    return w_max * np.where(den > 0, a / np.where(den > 0, den, 1), 0.5)
+
+
+@dataclass
+class ConfidenceFusion:
+    """Fuses a batch's ``repaired`` view into its embeddings (applied by the encode stage)."""
+
+    confidence: str = "top1"
+    temperature: float | None = None
+    beta: float = 1.0
+    w_max: float = 1.0
+    min_cos: float = 0.5
+    view: str = "repaired"
+
+    def __post_init__(self) -> None:
+        if self.confidence not in CONFIDENCES:
+            raise InputError(f"fusion: confidence must be one of {', '.join(CONFIDENCES)}, got {self.confidence!r}")
+        if not 0 <= self.w_max <= 1:
+            raise InputError(f"fusion: w_max must be in [0, 1], got {self.w_max}")
+        if self.beta <= 0:
+            raise InputError(f"fusion: beta must be > 0, got {self.beta}")
+        if self.temperature is not None and self.temperature <= 0:
+            raise InputError(f"fusion: temperature must be > 0, got {self.temperature}")
+
+    def __call__(self, batch, ctx) -> None:  # noqa: ANN001 - a QueryBatch and a PipelineContext
+        if self.view not in batch.view_embeddings:
+            return
+        e_o = np.asarray(batch.embeddings, dtype=np.float32)
+        e_r = np.asarray(batch.view_embeddings[self.view], dtype=np.float32)
+        g = ctx.gallery_vectors()
+        tau = self.temperature or getattr(ctx.encoder, "temperature", lambda: None)() or 0.05
+        c_o = confidence(e_o, g, self.confidence, tau)
+        c_r = confidence(e_r, g, self.confidence, tau)
+        w = repair_weight(c_o, c_r, self.beta, self.w_max)
+        same = np.array([a == b for a, b in zip(batch.queries, batch.views[self.view])])
+        cos = (e_o * e_r).sum(1)
+        drift = cos < self.min_cos
+        w = np.where(same | drift, 0.0, w).astype(np.float32)
+        fused = (1 - w)[:, None] * e_o + w[:, None] * e_r
+        fused /= np.maximum(np.linalg.norm(fused, axis=1, keepdims=True), 1e-12)
+        batch.embeddings = np.where(same[:, None], e_o, fused).astype(np.float32)
+        for i, m in enumerate(batch.meta):
+            m.setdefault("refine", {}).update({"fusion_weight": float(w[i]), "confidence_original": float(c_o[i]),
+                                               "confidence_repaired": float(c_r[i])})
+            if drift[i] and not same[i]:
+                m["refine"]["guard"] = f"embedding drift (cos {cos[i]:.2f} < {self.min_cos})"
