@@ -45,6 +45,8 @@ def test_config_forms_and_implied_stages(tmp_path):
                                        {"rank": {"overfetch": 20}}]})
     assert specs[1].options == {"lr": 1e-3} and specs[2].options == {"checkpoint": "q", "mode": "rerank"}
     assert specs[-1].options == {"overfetch": 20}
+    spec = parse_pipeline([{"transform": {"quari": "q", "mode": "rerank"}}])[1]  # NAME: primary, + more options
+    assert (spec.name, spec.options) == ("quari", {"checkpoint": "q", "mode": "rerank"})
     f = tmp_path / "p.yaml"
     f.write_text("- adapt: {method: tcr, steps: 1}\n")
     assert kinds(parse_pipeline(f))[1] == ("adapt", "tcr")
@@ -60,7 +62,8 @@ def test_config_forms_and_implied_stages(tmp_path):
     (["rest"], "a stage is a mapping"),
     ([{"adapt": "rest", "transform": "ta"}], "a mapping with one key"),
     ({"foo": []}, "needs a 'stages' list"),
-    ([{"transform": {"quari": 3, "x": 1}}], "name the stage with 'method:'"),
+    ([{"transform": {"foo": 3, "x": 1}}], "name the stage with 'method:'"),
+    ([{"transform": {"quari": {"k": 3}, "k": 4}}], "options ['k'] given twice"),
 ])
 def test_bad_configs_are_named(config, message):
     with pytest.raises(InputError) as exc:
