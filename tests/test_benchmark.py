@@ -146,3 +146,40 @@ def test_cli_bench_and_report(tmp_path):
     cfg.write_text("name: cli\nencoder: st:all-MiniLM-L6-v2\ncolection: x\n")
     res = CliRunner().invoke(app, ["bench", str(cfg)])
     assert res.exit_code == 2 and "did you mean 'collection'" in res.output.replace("\n", " ")
+
+
+def test_source_anchors_come_from_disjoint_data_and_are_recorded(tmp_path):
+    """The adaptation source anchors may not contain a test query's clean text; the
+    benchmark records where they came from."""
+    base = dict(name="src", encoder="openclip:qshift-tiny-vit", collection=COCO200, direction="t2t",
+                shifts=["ocr"], severities=[5], max_queries=40, query_items="0:100",
+                methods=[{"name": "tcr", "steps": 1}])
+    store = EmbeddingStore(tmp_path / "st")
+    with pytest.raises(InputError, match="shares .* texts with the test queries"):
+        run_benchmark(BenchConfig(**base, source=COCO200), tmp_path / "a", store, progress=False)
+    # items 100: never query: their captions are a fair source
+    out = run_benchmark(BenchConfig(**base, source={"source": COCO200, "items": "100:"}, source_size=50),
+                        tmp_path / "b", store, progress=False)
+    cell = json.loads((out / "cells.jsonl").read_text().splitlines()[0])
+    assert cell["source"]["texts"] == 50 and cell["source"]["spec"]["items"] == "100:"
+    assert cell["queries"] == 40
+    from qshift.benchmark import Grid
+
+    grid = Grid(BenchConfig(**base, source={"source": COCO200, "items": "100:"}), tmp_path / "c", store,
+                progress=False)
+    assert not set(grid.source_texts) & set(grid.raw_queries)
+    none = Grid(BenchConfig(**{**base, "query_items": None}, source="none"), tmp_path / "d", store, progress=False)
+    assert none.source_texts is None and none.source_info == {"spec": None}
+
+
+def test_the_oracle_row_is_given_the_labels_and_no_one_else(tmp_path):
+    cfg = BenchConfig(name="oracle", encoder="openclip:qshift-tiny-vit", collection=COCO200, direction="t2t",
+                      shifts=["clean"], max_queries=64, source="none", batch_size=8,
+                      methods=["zero-shot", {"name": "oracle", "label": "oracle", "labels": True, "lr": 0.05,
+                                             "steps": 10, "temperature": 0.05}])
+    out = run_benchmark(cfg, tmp_path / "res", EmbeddingStore(tmp_path / "st"), progress=False)
+    df = pd.read_csv(out / "results.csv").set_index("method")
+    assert df.loc["oracle", "R@1"] > df.loc["zero-shot", "R@1"] + 5  # trained on the answers: a ceiling
+    with pytest.raises(InputError, match="labels: true"):
+        run_benchmark(replace(cfg, methods=[{"name": "oracle", "lr": 0.01}]), tmp_path / "r2",
+                      EmbeddingStore(tmp_path / "st"), progress=False)

@@ -314,6 +314,19 @@ def test_rest_with_epcl_adds_the_term(setup):
         x.close()
 
 
+def test_oracle_is_supervised_infonce_over_the_true_positives(setup):
+    enc, g, qs = setup
+    a = create_adapter(enc, g, "t2i", "oracle", temperature=0.1)
+    a.batch_labels = [[i % N_GALLERY, (i + 5) % N_GALLERY] for i in range(16)]
+    batch, pred = _pred(a, qs)
+    logits = pred.q.detach().numpy() @ g.T / 0.1
+    logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - \
+        logits.max(1, keepdims=True)
+    want = -np.mean([np.log(np.exp(logp[i, pos]).sum()) for i, pos in enumerate(a.batch_labels)])
+    assert float(a.objective.loss(a, batch, pred, 0).detach()) == pytest.approx(want, rel=1e-5)
+    a.close()
+
+
 def test_every_objective_moves_the_parameters(setup):
     """An update that is a no-op (or a loss without gradient) fails here."""
     from qshift.adapt import OBJECTIVES
@@ -322,6 +335,8 @@ def test_every_objective_moves_the_parameters(setup):
     for name in OBJECTIVES:
         a = create_adapter(enc, g, "t2i", name, temperature=0.1, lr=1e-2, steps=2,
                            source_texts=[str(i) for i in range(32, 64)], reset_on_collapse=False)
+        if name == "oracle":
+            a.batch_labels = [[i % N_GALLERY] for i in range(len(qs))]
         if name == "deyo":
             a.objective.destroy = lambda adapter, batch: adapter.prepare([str(i) for i in range(40, 56)]).inputs
             a.objective.plpd_threshold = -1.0

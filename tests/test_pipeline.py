@@ -231,7 +231,8 @@ def test_stop_after_batch_k_and_resume_equals_one_run(tiny_clip, tmp_path, metho
     order = np.random.default_rng(1).permutation(len(queries))
     extra = {"epcl_weight": 1.0, "epcl": {"n_proxies": 4}} if method == "rest+epcl" else \
         {"n_proxies": 4} if method == "epcl" else {}
-    cfg = [{"adapt": {"method": method.split("+")[0], "lr": 1e-2, "batch_size": 8, "steps": 2, **extra}}]
+    cfg = [{"adapt": {"method": method.split("+")[0], "lr": 1e-2, "batch_size": 8, "steps": 2, "temperature": 0.02,
+                      **extra}}]
     ctx = lambda: PipelineContext(tiny_clip, "t2i", gallery=g, source_texts=TEXTS[::3])  # noqa: E731
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -49,7 +49,13 @@ class BenchConfig:
     methods: list[Any] = field(default_factory=lambda: ["zero-shot"])
     seeds: list[int] = field(default_factory=lambda: [0])
     max_queries: int | None = None
+    query_items: str | None = None  # "START:STOP": only these items' captions query (the gallery stays whole)
     query_caption: int = 0
+    # source anchors of adaptation (TCR/REST/EATA): texts disjoint from the test queries — a
+    # spec of qshift.data.texts, "auto" (the world's train split for world collections, none
+    # otherwise) or "none"; ``source_size`` of them, drawn with a fixed seed
+    source: Any = "auto"
+    source_size: int = 1024
     min_similarity: float | None = None
     corrupt_side: int = 224       # image corruptions: smaller images are corrupted at this side
     batch_size: int = 64
@@ -177,17 +183,47 @@ class Grid:
         else:
             raw = list(coll.image_paths or [])
         keep = np.arange(len(raw))
-        if cfg.max_queries and cfg.max_queries < len(raw):
-            keep = np.random.default_rng(0).choice(len(raw), cfg.max_queries, replace=False)
-            keep.sort()
+        if cfg.query_items:
+            item = coll.caption_item() if cfg.direction == "t2i" else np.arange(len(coll))
+            start, _, stop = cfg.query_items.partition(":")
+            try:
+                lo, hi = int(start or 0), int(stop) if stop else len(coll)
+            except ValueError:
+                raise InputError(f"config: query_items must be 'START:STOP', got {cfg.query_items!r}") from None
+            keep = keep[(item[keep] >= lo) & (item[keep] < hi)]
+            if not len(keep):
+                raise InputError(f"config: query_items {cfg.query_items!r} selects no query")
+        if cfg.max_queries and cfg.max_queries < len(keep):
+            keep = np.sort(np.random.default_rng(0).choice(keep, cfg.max_queries, replace=False))
         self.raw_queries = [raw[i] for i in keep]
         self._raw_hash = stable_hash(self.raw_queries)  # part of every shifted set's key
         self.clean_queries = task.queries[keep]
         rows = task.qrels.indptr
         self.qrels = Qrels.from_lists([task.qrels.indices[rows[i]:rows[i + 1]] for i in keep])
         self.gallery = task.gallery
-        # clean texts paired with gallery items: source anchors for adaptation methods
-        self.source_texts = [c[0] for c in coll.captions] if query_modality(cfg.direction) == "text" else None
+        self.source_texts, self.source_info = self._source(texts)
+
+    def _source(self, clean_texts: list[str]) -> tuple[list[str] | None, dict]:
+        """The adaptation source anchors: texts disjoint from the test queries (refused if
+        any of them is the clean text of a query), a fixed-seed sample of ``source_size``."""
+        cfg = self.cfg
+        spec = cfg.source
+        if spec == "auto":
+            spec = "world:train" if str(cfg.collection).startswith("world:") else None
+        if spec in (None, "none") or query_modality(cfg.direction) != "text":
+            return None, {"spec": None}
+        from qshift.data.texts import spec_texts
+
+        texts = list(dict.fromkeys(spec_texts(spec, "config: source")))
+        if len(texts) > cfg.source_size:
+            pick = np.sort(np.random.default_rng(0).choice(len(texts), cfg.source_size, replace=False))
+            texts = [texts[i] for i in pick]
+        clean = set(self.raw_queries) if cfg.direction == "t2t" else set(clean_texts)
+        shared = [t for t in texts if t in clean]
+        if shared:
+            raise InputError(f"config: source {spec!r} shares {len(shared)} texts with the test queries (e.g. "
+                             f"{shared[0]!r}); anchors must come from data disjoint from them")
+        return texts, {"spec": spec, "texts": len(texts), "hash": stable_hash(texts)[:12]}
 
     # -- shifted queries ----------------------------------------------------------------
     def shift_key(self, shift: str, severity: int, seed: int) -> str:
@@ -268,8 +304,10 @@ class Grid:
                 elif "pipeline" in m:
                     mname, params = "pipeline", {"pipeline": m["pipeline"]}
                 else:
-                    mname, params = m["name"], {k: v for k, v in m.items() if k not in ("name", "label")}
+                    mname, params = m["name"], {k: v for k, v in m.items() if k not in ("name", "label", "labels")}
                 base = {"method": method_label(m), "method_name": mname, "params": params, "seed": seed}
+                if isinstance(m, dict) and m.get("labels"):
+                    base["sees_labels"] = True  # a ceiling row (e.g. the oracle): it is given the true positives
                 if CLEAN in cfg.shifts:
                     out.append({**base, "shift": CLEAN, "severity": 0})
                 for s in self.cfg.shift_names:
@@ -312,6 +350,8 @@ class Grid:
 
         ctx = PipelineContext(self.encoder, cfg.direction, gallery=self.gallery, batch_size=cfg.batch_size,
                               seed=seed, source_texts=self.source_texts)
+        if cell.get("sees_labels"):  # only rows marked `labels: true` (ceilings), never a method
+            ctx.extra["labels"] = [qrels.indices[qrels.indptr[i]:qrels.indptr[i + 1]] for i in range(len(qrels))]
         t0 = time.perf_counter()
         with Pipeline.from_method(self.cell_method(cell), ctx) as pipe:
             scores = pipe.score(raw, order, embeddings=encode())
@@ -327,7 +367,7 @@ class Grid:
                   "encoder": self.encoder.fingerprint(), "collection": str(self.coll_path),
                   "metrics": metrics, "queries": len(raw), "gallery": int(len(self.gallery)),
                   "seconds": seconds, "queries_per_s": len(raw) / max(seconds, 1e-9),
-                  "stage_seconds": pipe.timings, "stage_info": pipe.info,
+                  "stage_seconds": pipe.timings, "stage_info": pipe.info, "source": self.source_info,
                   "curve_r1": curve, "shift_info": info}
         if stream_items is not None:
             per = {}

@@ -5,7 +5,9 @@ is encode + rank (no stage to add), each TTA objective ``NAME`` is
 ``[{adapt: {method: NAME, **params}}]``, ``quari``/``ta`` add a transform stage. A
 benchmark config, ``qshift search --method`` and the service take a method name, a
 mapping ``{name: NAME, label: SHOWN-AS, **params}``, or ``{pipeline: [stages], label: …}``
-for any other composition. Methods register with ``@register_method(name)``.
+for any other composition. Methods register with ``@register_method(name)``. A benchmark
+entry marked ``labels: true`` is a ceiling row (the ``oracle``): the runner gives it the
+true positives of the queries, which no method ever sees.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def method_stages(spec: Any) -> list:
     if isinstance(spec, str):
         name, params = spec, {}
     elif isinstance(spec, dict) and "pipeline" in spec:
-        extra = sorted(set(spec) - {"pipeline", "label"})
+        extra = sorted(set(spec) - {"pipeline", "label", "labels"})
         if extra:
             raise InputError(f"a pipeline method entry takes 'pipeline' and 'label' only, got also {extra}")
         stages = spec["pipeline"]
@@ -73,7 +75,7 @@ def method_stages(spec: Any) -> list:
             raise InputError(f"'pipeline' must be a list of stages, got {stages!r}")
         return stages
     elif isinstance(spec, dict) and "name" in spec:
-        params = {k: v for k, v in spec.items() if k not in ("name", "label")}
+        params = {k: v for k, v in spec.items() if k not in ("name", "label", "labels")}
         name = spec["name"]
     else:
         raise InputError(f"a method is a name, a mapping with 'name', or a mapping with 'pipeline'; got {spec!r}")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from qshift.adapt.engine import OBJECTIVES, AdaptConfig, Adapter, Objective, Predictions, register_objective
-from qshift.adapt import deyo, eata, epcl, read, rest, sar, tcr, tent  # noqa: F401  (register the objectives)
+from qshift.adapt import deyo, eata, epcl, oracle, read, rest, sar, tcr, tent  # noqa: F401  (register them)
 from qshift.adapt.stage import AdaptStage, create_objective, split_options
 
 

@@ -34,6 +34,7 @@ removed, ``requires_grad`` flags and train/eval mode as they were.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -48,6 +49,10 @@ from qshift.adapt.params import select_params
 from qshift.registry import Registry
 
 CANDIDATES = ("auto", "batch-nn", "topk", "gallery")
+NORM_STATS = ("running", "batch", "blend")
+# τ when the encoder has no trained temperature (sentence-transformers): the value picked on
+# val for MiniLM by bench/configs/tta-coco-t2t-tune.yaml
+DEFAULT_TEMPERATURE = 0.05
 
 
 @dataclass
@@ -59,7 +64,9 @@ class AdaptConfig:
     weight_decay: float = 1e-4
     steps: int = 3
     batch_size: int = 64
-    temperature: float = 0.02     # τ of the query predictions
+    temperature: float | None = None  # τ of the query predictions; None: 2 × the encoder's trained τ
+    norm_stats: str = "running"   # BatchNorm statistics: running | batch (Tent) | blend
+    norm_prior: float = 16.0      # blend: weight of the running statistics, in samples
     candidates: str = "auto"
     topk: int = 16
     episodic: bool = False
@@ -74,8 +81,12 @@ class AdaptConfig:
             raise InputError(f"adapt: steps must be in 1–100, got {self.steps}")
         if self.batch_size < 1:
             raise InputError(f"adapt: batch_size must be >= 1, got {self.batch_size}")
-        if not self.temperature > 0:
+        if self.temperature is not None and not self.temperature > 0:
             raise InputError(f"adapt: temperature must be > 0, got {self.temperature}")
+        if self.norm_stats not in NORM_STATS:
+            raise InputError(f"adapt: norm_stats must be one of {', '.join(NORM_STATS)}, got {self.norm_stats!r}")
+        if self.norm_prior <= 0:
+            raise InputError(f"adapt: norm_prior must be > 0, got {self.norm_prior}")
         if self.candidates not in CANDIDATES:
             raise InputError(f"adapt: candidates must be one of {', '.join(CANDIDATES)}, got {self.candidates!r}")
         if self.topk < 2:
@@ -108,6 +119,10 @@ class Objective:
 
     name = "objective"
     learned: Any = None
+    # per-method defaults of engine and objective options, under what a config gives
+    defaults: dict[str, Any] = {}
+    # a ceiling (the oracle), not a method: it reads the batch's true positives
+    needs_labels = False
 
     def setup(self, adapter: "Adapter") -> None:
         """Called once before the stream (e.g. Fisher information, source anchors)."""
@@ -180,6 +195,9 @@ class Adapter:
         if not np.isfinite(gallery).all():
             raise InputError("adapt: gallery has non-finite rows "
                              f"{np.flatnonzero(~np.isfinite(gallery).all(1))[:10].tolist()}")
+        if cfg.temperature is None:  # τ relative to the encoder (TCR's 0.02 is twice CLIP's 0.01)
+            trained = getattr(encoder, "temperature", lambda: None)()
+            cfg = dataclasses.replace(cfg, temperature=2.0 * trained if trained else DEFAULT_TEMPERATURE)
         self.encoder, self.direction, self.cfg, self.objective = encoder, direction, cfg, objective
         self.modality = query_modality(direction)
         self.tower = encoder.tower(self.modality)
@@ -188,15 +206,26 @@ class Adapter:
             self._training = {n: m.training for n, m in self.tower.named_modules()}
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.params = select_params(self.tower, cfg.params, cfg.last_k, cfg.lora_rank)
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self._initial = [p.detach().clone() for p in self.params]
         self.device = torch.device(getattr(encoder, "device", "cpu"))
         self.gallery = F.normalize(torch.from_numpy(gallery), dim=-1).to(self.device)
         self.source_texts = list(source_texts) if source_texts is not None else None
-        self.stats = {"batches": 0, "resets": 0, "divergences": 0, "collapses": 0, "learning_share": 0.0}
+        self.stats = {"batches": 0, "resets": 0, "divergences": 0, "collapses": 0, "learning_share": 0.0,
+                      "temperature": cfg.temperature}
+        self.batch_labels: list | None = None  # the batch's true positives: for the oracle only
         self._spread0: float | None = None
-        self.objective.setup(self)
+        self.params: list[torch.nn.Parameter] = []
+        self._initial: list[torch.Tensor] = []
+        self._norms: NormStats | None = None
+        try:  # from here on the tower changes: a failure gives it back before raising
+            self.params = select_params(self.tower, cfg.params, cfg.last_k, cfg.lora_rank)
+            self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self._initial = [p.detach().clone() for p in self.params]
+            self._norms = NormStats(self.tower, cfg.norm_stats, cfg.norm_prior)
+            self.objective.setup(self)
+        except BaseException:
+            if self.tower is not None:
+                self.close()
+            raise
 
     # -- inputs and predictions ------------------------------------------------------
     def prepare(self, raw: Sequence[Any], index: int = 0) -> Batch:
@@ -236,7 +265,7 @@ class Adapter:
         ``q0``: the frozen model's embeddings of the batch, when the caller has them."""
         if self.cfg.episodic:
             self.reset()
-        self.tower.eval()  # no dropout; norm layers use their affine parameters only
+        self.tower.eval()  # no dropout; BatchNorm statistics as ``norm_stats`` says
         with torch.no_grad():
             q0 = self.forward(batch.inputs) if q0 is None else F.normalize(q0.float().to(self.device), dim=-1)
         if not torch.isfinite(q0).all():
@@ -333,8 +362,52 @@ class Adapter:
             remove_lora(self.tower)
         for n, p in self.tower.named_parameters():
             p.requires_grad_(self._flags.get(n, p.requires_grad))
+        if self._norms is not None:
+            self._norms.restore()
         for n, m in self.tower.named_modules():
             m.training = self._training.get(n, m.training)
+
+
+class NormStats:
+    """Which statistics the tower's BatchNorm layers normalise with during adaptation.
+
+    ``running`` (default): the stored running statistics, so that batches of 1 and
+    all-OOD batches behave like any other (only the affine parameters adapt). ``batch``:
+    each test batch's own statistics, Tent's choice for BN networks (running statistics
+    dropped while adapting). ``blend``: the prior-weighted mix of Schneider et al.
+    (NeurIPS 2020), μ = (N μ_run + B μ_batch) / (N + B) with N = ``norm_prior``. The
+    original buffers come back on ``restore``.
+    """
+
+    def __init__(self, tower: torch.nn.Module | None, mode: str, prior: float) -> None:
+        self.mode, self.prior = mode, prior
+        self.layers = [] if tower is None or mode == "running" else \
+            [m for m in tower.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        self.saved = [(m.running_mean, m.running_var, m.track_running_stats) for m in self.layers]
+        self.hooks = []
+        for m, (mean, var, _) in zip(self.layers, self.saved):
+            if mode == "batch":
+                m.track_running_stats = False
+                m.running_mean = m.running_var = None  # F.batch_norm then uses the batch's statistics
+            else:
+                self.hooks.append(m.register_forward_pre_hook(self._blend(mean.clone(), var.clone())))
+
+    def _blend(self, mean0: torch.Tensor, var0: torch.Tensor) -> Any:
+        def hook(m: torch.nn.Module, inputs: tuple) -> None:
+            x = inputs[0].detach()
+            dims = [d for d in range(x.ndim) if d != 1]
+            b = x.shape[0]
+            w = self.prior / (self.prior + b)
+            m.running_mean = w * mean0 + (1 - w) * x.mean(dims)
+            m.running_var = w * var0 + (1 - w) * x.var(dims, unbiased=False)
+        return hook
+
+    def restore(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        for m, (mean, var, track) in zip(self.layers, self.saved):
+            m.running_mean, m.running_var, m.track_running_stats = mean, var, track
+        self.layers, self.hooks = [], []
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:

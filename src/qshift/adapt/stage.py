@@ -30,6 +30,7 @@ def split_options(method: str, options: dict[str, Any]) -> tuple[AdaptConfig, di
             params = inspect.signature(cls.__init__).parameters.values()
             own |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
     check_options(f"adapt stage {method!r}", options, ENGINE_OPTIONS | own)
+    options = {**getattr(factory, "defaults", {}), **options}  # the method's own defaults, under the config's
     engine = {k: v for k, v in options.items() if k in ENGINE_OPTIONS}
     rest = {k: v for k, v in options.items() if k not in ENGINE_OPTIONS}
     return AdaptConfig(**engine), rest
@@ -57,10 +58,17 @@ class AdaptStage(Stage):
     def setup(self, ctx: Any) -> None:
         cfg = dataclasses.replace(self.cfg, batch_size=self.batch_size or ctx.batch_size,
                                   seed=self.options.get("seed", ctx.seed))
-        self.adapter = Adapter(ctx.encoder, ctx.gallery_vectors(), ctx.direction, cfg,
-                               create_objective(self.name, self.objective_options), source_texts=ctx.source_texts)
+        objective = create_objective(self.name, self.objective_options)
+        self.labels = ctx.extra.get("labels")
+        if objective.needs_labels and self.labels is None:
+            raise InputError(f"adapt method {self.name!r} is a ceiling that trains on the true positives; only a "
+                             "benchmark row marked `labels: true` gives them")
+        self.adapter = Adapter(ctx.encoder, ctx.gallery_vectors(), ctx.direction, cfg, objective,
+                               source_texts=ctx.source_texts)
 
     def __call__(self, batch: QueryBatch) -> QueryBatch:
+        if self.adapter.objective.needs_labels:
+            self.adapter.batch_labels = [self.labels[p] for p in batch.positions]
         batch.embeddings = self.adapter.adapt(batch.queries, batch.embeddings, batch.index)
         batch.info["adapt"] = dict(self.adapter.stats)
         return batch

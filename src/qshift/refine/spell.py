@@ -168,6 +168,6 @@ class SpellRepairer:
 
 
 def spell_repairer(vocabulary: Any = None, **options: Any) -> SpellRepairer:
-    from qshift.refine.vocab import vocabulary_texts
+    from qshift.data.texts import spec_texts
 
-    return SpellRepairer(vocabulary_texts(vocabulary), **options)
+    return SpellRepairer(spec_texts(vocabulary), **options)
