@@ -50,9 +50,9 @@ from qshift.registry import Registry
 
 CANDIDATES = ("auto", "batch-nn", "topk", "gallery")
 NORM_STATS = ("running", "batch", "blend")
-# τ when the encoder has no trained temperature (sentence-transformers): the value picked on
-# val for MiniLM by bench/configs/tta-coco-t2t-tune.yaml
-DEFAULT_TEMPERATURE = 0.05
+# the trained temperature assumed for encoders that have none (sentence-transformers), so
+# that the default τ (2 ×) is 0.05
+UNTRAINED_TEMPERATURE = 0.025
 
 
 @dataclass
@@ -64,7 +64,8 @@ class AdaptConfig:
     weight_decay: float = 1e-4
     steps: int = 3
     batch_size: int = 64
-    temperature: float | None = None  # τ of the query predictions; None: 2 × the encoder's trained τ
+    temperature: float | None = None  # τ of the query predictions; None: temperature_scale × the encoder's τ
+    temperature_scale: float = 2.0
     norm_stats: str = "running"   # BatchNorm statistics: running | batch (Tent) | blend
     norm_prior: float = 16.0      # blend: weight of the running statistics, in samples
     candidates: str = "auto"
@@ -83,6 +84,8 @@ class AdaptConfig:
             raise InputError(f"adapt: batch_size must be >= 1, got {self.batch_size}")
         if self.temperature is not None and not self.temperature > 0:
             raise InputError(f"adapt: temperature must be > 0, got {self.temperature}")
+        if not self.temperature_scale > 0:
+            raise InputError(f"adapt: temperature_scale must be > 0, got {self.temperature_scale}")
         if self.norm_stats not in NORM_STATS:
             raise InputError(f"adapt: norm_stats must be one of {', '.join(NORM_STATS)}, got {self.norm_stats!r}")
         if self.norm_prior <= 0:
@@ -196,8 +199,8 @@ class Adapter:
             raise InputError("adapt: gallery has non-finite rows "
                              f"{np.flatnonzero(~np.isfinite(gallery).all(1))[:10].tolist()}")
         if cfg.temperature is None:  # τ relative to the encoder (TCR's 0.02 is twice CLIP's 0.01)
-            trained = getattr(encoder, "temperature", lambda: None)()
-            cfg = dataclasses.replace(cfg, temperature=2.0 * trained if trained else DEFAULT_TEMPERATURE)
+            trained = getattr(encoder, "temperature", lambda: None)() or UNTRAINED_TEMPERATURE
+            cfg = dataclasses.replace(cfg, temperature=cfg.temperature_scale * trained)
         self.encoder, self.direction, self.cfg, self.objective = encoder, direction, cfg, objective
         self.modality = query_modality(direction)
         self.tower = encoder.tower(self.modality)
@@ -324,6 +327,7 @@ class Adapter:
 
     def reset(self) -> None:
         """Back to the frozen model: initial parameters, fresh optimizer, objective state."""
+        self._live = None
         with torch.no_grad():
             for p, p0 in zip(self.params, self._initial):
                 p.copy_(p0)
@@ -331,13 +335,34 @@ class Adapter:
         self.objective.reset()
         self.stats["resets"] += 1
 
+    # -- sharing the encoder ------------------------------------------------------------
+    def suspend(self) -> None:
+        """Put the frozen values back into the tower and keep the adapted ones aside, so
+        that other users of the same encoder object see it unadapted (the service runs
+        several pipelines on one encoder); :meth:`resume` swaps them back in."""
+        if getattr(self, "_live", None) is None:
+            self._live = [p.detach().clone() for p in self.params]
+            with torch.no_grad():
+                for p, p0 in zip(self.params, self._initial):
+                    p.copy_(p0)
+
+    def resume(self) -> None:
+        live = getattr(self, "_live", None)
+        if live is not None:
+            with torch.no_grad():
+                for p, v in zip(self.params, live):
+                    p.copy_(v)
+            self._live = None
+
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"params": [p.detach().cpu().clone() for p in self.params],
+        live = getattr(self, "_live", None)
+        return {"params": [p.detach().cpu().clone() for p in (live if live is not None else self.params)],
                 "optimizer": self.optimizer.state_dict(), "objective": self.objective.state_dict(),
                 "stats": dict(self.stats), "spread0": self._spread0, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
+        self.resume()
         params = state["params"]
         if len(params) != len(self.params) or any(a.shape != b.shape for a, b in zip(params, self.params)):
             raise StoreMismatchError("adapt: the saved parameters do not fit this tower "
@@ -353,6 +378,7 @@ class Adapter:
 
     def close(self) -> None:
         """Restore the tower exactly as it was before adaptation."""
+        self._live = None
         with torch.no_grad():
             for p, p0 in zip(self.params, self._initial):
                 p.copy_(p0)

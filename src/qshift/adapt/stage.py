@@ -3,7 +3,9 @@
 Options are the engine's (:class:`~qshift.adapt.engine.AdaptConfig`: ``params``, ``lr``,
 ``steps``, ``temperature``, ``batch_size``, …) and the objective's own (e.g. TCR's
 ``ratio``). The stage keeps one :class:`~qshift.adapt.engine.Adapter` across calls, so
-a stream adapts as it goes; its state saves and loads with the pipeline's.
+a stream adapts as it goes; its state saves and loads with the pipeline's. With
+``ctx.extra['shared_encoder']`` (the service) the adapted values are swapped into the
+encoder's tower only for the stage's own batches.
 """
 
 from __future__ import annotations
@@ -65,11 +67,21 @@ class AdaptStage(Stage):
                              "benchmark row marked `labels: true` gives them")
         self.adapter = Adapter(ctx.encoder, ctx.gallery_vectors(), ctx.direction, cfg, objective,
                                source_texts=ctx.source_texts)
+        # the service runs several pipelines on one encoder: adapted values live in the
+        # tower only while this stage's own batches run
+        self.shared = bool(ctx.extra.get("shared_encoder"))
+        if self.shared:
+            self.adapter.suspend()
 
     def __call__(self, batch: QueryBatch) -> QueryBatch:
         if self.adapter.objective.needs_labels:
             self.adapter.batch_labels = [self.labels[p] for p in batch.positions]
-        batch.embeddings = self.adapter.adapt(batch.queries, batch.embeddings, batch.index)
+        self.adapter.resume()
+        try:
+            batch.embeddings = self.adapter.adapt(batch.queries, batch.embeddings, batch.index)
+        finally:
+            if self.shared:  # other pipelines use this encoder too: give it back unadapted
+                self.adapter.suspend()
         batch.info["adapt"] = dict(self.adapter.stats)
         return batch
 
@@ -81,6 +93,8 @@ class AdaptStage(Stage):
 
     def load_state_dict(self, state: dict) -> None:
         self.adapter.load_state_dict(state)
+        if self.shared:
+            self.adapter.suspend()
 
     def close(self) -> None:
         if self.adapter is not None:

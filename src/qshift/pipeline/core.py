@@ -151,14 +151,19 @@ class Pipeline:
                 bar.advance(len(idx))
         return out
 
-    def search(self, queries: Sequence[Any], k: int = 10) -> list[SearchResult]:
-        """Top-k hits per query, in the given order (queries stream through in batches)."""
+    def search(self, queries: Sequence[Any], k: int = 10, *, embeddings: np.ndarray | None = None
+               ) -> list[SearchResult]:
+        """Top-k hits per query, in the given order (queries stream through in batches);
+        ``embeddings``: the frozen encoder's embeddings of the queries, when known."""
         queries = list(queries)
+        if embeddings is not None and len(embeddings) != len(queries):
+            raise InputError(f"pipeline: {len(embeddings)} embeddings for {len(queries)} queries")
         _, batches = self._batches(len(queries), None)
         ids = self.ctx.ids
         results: list[SearchResult] = [None] * len(queries)  # type: ignore[list-item]
         for b, idx in enumerate(batches):
-            batch = self.run_batch([queries[i] for i in idx], k=k, positions=idx, index=b)
+            batch = self.run_batch([queries[i] for i in idx], k=k, positions=idx, index=b,
+                                   embeddings=None if embeddings is None else embeddings[idx])
             for row, pos in enumerate(idx):
                 hits = [{"rank": r + 1, "id": ids[j], "score": float(s), "index": int(j)}
                         for r, (s, j) in enumerate(zip(batch.scores[row], batch.labels[row])) if j >= 0]
