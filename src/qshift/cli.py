@@ -367,6 +367,53 @@ def adapt(collection: str = typer.Argument(..., help="Collection: a path, `world
     out.print(f"results → {res / 'results.csv'}")
 
 
+@app.command()
+@_handle_errors
+def serve(galleries: list[str] = typer.Argument(..., help="What to serve, each `[NAME=]SPEC`: an index directory "
+                                                "or a collection (`world:test`, a path, `shared:…`)."),
+          encoder: str = EncoderOpt,
+          pipeline: Optional[Path] = typer.Option(None, "--pipeline", "-p", help="Pipeline config: the stages "
+                                                  "requests run (each may be switched off per request)."),
+          host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+          port: int = typer.Option(8000, help="Port."),
+          token: Optional[str] = typer.Option(None, help="Bearer token the API requires (or $QSHIFT_API_TOKEN)."),
+          state_dir: Optional[Path] = typer.Option(None, help="Adaptation states: loaded on start, saved on exit."),
+          max_batch: int = typer.Option(64, help="Micro-batch: most queries per pipeline call."),
+          window_ms: float = typer.Option(3.0, help="Micro-batch: how long the first query waits for company."),
+          max_k: int = typer.Option(1000, help="Limit: results per query."),
+          max_text_chars: int = typer.Option(2000, help="Limit: characters of a text query."),
+          max_image_pixels: int = typer.Option(4096 * 4096, help="Limit: width × height of an image query."),
+          max_body_mb: int = typer.Option(20, help="Limit: request body (MB)."),
+          cors: Optional[list[str]] = typer.Option(None, help="Allow cross-origin calls from this origin "
+                                                   "(repeatable; off by default)."),
+          allow_image_url: bool = typer.Option(False, help="Let clients name an http(s) image to fetch."),
+          store: Optional[Path] = StoreOpt) -> None:
+    """Serve the query pipeline over HTTP, with a search page at `/` (FastAPI + uvicorn).
+
+    Example: `qshift serve world:test -e world:mini-clip --pipeline bench/configs/serve-world.yaml`
+    """
+    import uvicorn
+
+    from qshift.errors import InputError
+    from qshift.service import Limits, ServiceConfig, create_app
+
+    named: dict[str, str] = {}
+    for g in galleries:
+        name, sep, spec = g.partition("=")
+        if not sep:
+            name, spec = Path(g).name.replace(":", "-") or "gallery", g
+        if name in named:
+            raise InputError(f"serve: two galleries named {name!r}; name them NAME=SPEC")
+        named[name] = spec
+    cfg = ServiceConfig(named, encoder, None if pipeline is None else str(pipeline),
+                        Limits(max_body_mb * 2**20, max_image_pixels, max_text_chars, max_k), token, list(cors or []),
+                        allow_image_url, max_batch, window_ms, None if state_dir is None else str(state_dir),
+                        None if store is None else str(store), progress=True)
+    application = create_app(cfg)
+    out.print(f"qshift serving {', '.join(named)} on http://{host}:{port}/ (API docs: /docs)")
+    uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
 @app.command("report")
 @_handle_errors
 def report_(results: list[Path] = typer.Argument(..., help="Results folder(s) written by `qshift bench`."),
