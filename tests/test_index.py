@@ -165,3 +165,19 @@ def test_large_batches_take_the_faiss_kernel_with_the_same_contract(rng):
     tied.add(np.ones((10, 2), np.float32))
     _, ti = tied.search(np.ones((ExactIndex.FAISS_KNN_MIN_QUERIES, 2), np.float32), 4)
     assert (ti == np.arange(4)).all()
+
+
+@pytest.mark.parametrize("nq", [3, 200])  # the blocked path and the FAISS brute-force path
+def test_equal_scores_at_the_cut_go_to_the_lowest_labels(nq):
+    """One total order — score descending, then label ascending — decides the list, also
+    where the k-th place falls inside a run of equal scores (sharded search relies on it)."""
+    rng = np.random.default_rng(0)
+    g = (rng.integers(-2, 3, (3000, 16)) / 4).astype(np.float32)  # exact arithmetic: many exact ties
+    q = (rng.integers(-2, 3, (nq, 16)) / 4).astype(np.float32)
+    ix = ExactIndex(16, memory_budget_mb=0.05)  # several gallery blocks
+    ix.add(g)
+    s, lab = ix.search(q, 7)
+    full = q @ g.T
+    order = np.lexsort((np.broadcast_to(np.arange(3000), full.shape), -full), axis=1)[:, :7]
+    assert np.array_equal(lab, order)
+    assert np.array_equal(s, np.take_along_axis(full, order, 1))

@@ -45,10 +45,15 @@ def encode(collection: Path = typer.Argument(..., help="Collection file or folde
            shard_size: int = typer.Option(2048, help="Rows per cache shard."),
            batch_size: Optional[int] = typer.Option(None, help="Encoder batch size."),
            on_error: str = OnErrorOpt,
+           ray: bool = typer.Option(False, "--ray", help="Encode the missing shards on Ray (a local instance, or "
+                                    "the cluster at --address); the store is the same as the local path's."),
+           address: Optional[str] = typer.Option(None, help="Ray cluster: HOST:PORT, ray://HOST:PORT or auto."),
+           workers: int = typer.Option(2, help="Ray: encoder actors (one model load each; a GPU each if any)."),
            as_json: bool = JsonOpt) -> None:
     """Encode a collection into the embedding cache (resumes; re-encodes only what changed).
 
-    Example: `qshift encode ../shared/data/coco-5k-test/captions.txt -e st:all-MiniLM-L6-v2`
+    Example: `qshift encode ../shared/data/coco-5k-test/captions.txt -e st:all-MiniLM-L6-v2`;
+    on Ray: `qshift encode world:test -e world:mini-clip --modality image --ray --workers 2`
     """
     from qshift.encoders import create_encoder
 
@@ -59,8 +64,13 @@ def encode(collection: Path = typer.Argument(..., help="Collection file or folde
     report = []
     for m in modalities:
         t0 = time.perf_counter()
+        runner = None
+        if ray:
+            from qshift.scale.encode import ray_runner
+
+            runner = ray_runner(enc, m, workers=workers, address=address, on_error=on_error, batch_size=batch_size)
         emb = st.encode(enc, coll, m, shard_size=shard_size, on_error=on_error, progress=not as_json,
-                        batch_size=batch_size)
+                        batch_size=batch_size, runner=runner)
         report.append({"modality": m, "entry": str(emb.path), "n": len(emb.ids), "dim": emb.dim,
                        "skipped": int((~emb.valid).sum()), "seconds": round(time.perf_counter() - t0, 3)})
     if as_json:
@@ -148,6 +158,8 @@ def search(index_dir: Path = typer.Argument(..., help="Index directory (from `qs
                                                 "of a full search."),
            state: Optional[Path] = typer.Option(None, "--state", help="Session file of online adaptation: loaded "
                                                 "if it exists, saved (atomically) after the call."),
+           shards: Optional[int] = typer.Option(None, help="Rank through a sharded index on Ray (N actors)."),
+           address: Optional[str] = typer.Option(None, help="Ray cluster for --shards (default: a local instance)."),
            as_json: bool = JsonOpt) -> None:
     """Top-k search with text or image queries through the query pipeline.
 
@@ -166,6 +178,14 @@ def search(index_dir: Path = typer.Argument(..., help="Index directory (from `qs
     idx = load_index(index_dir)
     enc = create_encoder(encoder)
     idx.check_fingerprint(enc.fingerprint())
+    if shards:  # the same index, split over Ray actors
+        from qshift.index import index_vectors
+        from qshift.scale.search import ShardedIndex
+
+        sharded = ShardedIndex(idx.dim, shards, idx.factory, address)
+        sharded.meta = dict(idx.meta)
+        sharded.add(index_vectors(idx), idx.ids)
+        idx = sharded
     groups = [(m, list(q)) for m, q in (("text", text), ("image", [str(i) for i in image or []])) if q]
     if state is not None and len(groups) > 1:
         raise InputError("--state keeps one online session: give text or image queries, not both")

@@ -60,6 +60,24 @@ def as_queries(queries: np.ndarray, dim: int) -> np.ndarray:
     return q
 
 
+def top_k_block(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k best (score, column) of a block, with equal scores at the cut taken
+    by lowest column — so that merging blocks or shards reproduces one total order
+    (score descending, label ascending). torch.topk alone picks among ties at random."""
+    kk = min(k, scores.shape[1])
+    vals, idx = torch.topk(scores, kk, dim=1)
+    cut = vals[:, -1:]
+    tied = torch.nonzero((scores >= cut).sum(1) > kk).flatten().tolist()
+    vals, idx = vals.numpy().copy(), idx.numpy().copy()
+    for r in tied:  # more items score >= the cut than fit: keep the lowest columns of the tied ones
+        row = scores[r]
+        above = torch.nonzero(row > cut[r]).flatten()
+        at = torch.nonzero(row == cut[r]).flatten()[: kk - len(above)]
+        pick = torch.cat([above, at])
+        vals[r], idx[r] = row[pick].numpy(), pick.numpy()
+    return vals, idx
+
+
 def _check_k(k: int, n: int) -> int:
     if not isinstance(k, (int, np.integer)) or k <= 0:
         raise InputError(f"k must be a positive integer, got {k!r}")
@@ -184,23 +202,28 @@ class ExactIndex(_IdsMixin):
         if self.dtype == torch.float32 and len(q) >= self.FAISS_KNN_MIN_QUERIES:
             import faiss
 
-            s_np, i_np = faiss.knn(q, g.numpy(), k, metric=faiss.METRIC_INNER_PRODUCT)
-            return sort_hits(s_np, i_np)
+            kk = min(k + 1, len(g))  # one more, to see whether the cut falls inside a run of equal scores
+            s_np, i_np = faiss.knn(q, g.numpy(), kk, metric=faiss.METRIC_INNER_PRODUCT)
+            s_np, i_np = sort_hits(s_np, i_np)
+            if kk > k:
+                tied = np.flatnonzero(s_np[:, k - 1] == s_np[:, k])
+                if len(tied):  # rare: those rows again through the exact-tie path below
+                    s_np[tied, :k], i_np[tied, :k] = self._blocked(q[tied], g, k)
+            return s_np[:, :k], i_np[:, :k]
+        return self._blocked(q, g, k)
+
+    def _blocked(self, q: np.ndarray, g: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         rows = self._block_rows(len(q))
         best_s = best_i = None
         for start in range(0, len(g), rows):
-            s = self._scores(q, g[start:start + rows])
-            kk = min(k, s.shape[1])
-            bs, bi = torch.topk(s, kk, dim=1)
+            bs, bi = top_k_block(self._scores(q, g[start:start + rows]), k)
             bi += start
             if best_s is None:
                 best_s, best_i = bs, bi
-            else:
-                cs, ci = torch.cat([best_s, bs], 1), torch.cat([best_i, bi], 1)
-                top, pos = torch.topk(cs, min(k, cs.shape[1]), dim=1)
-                best_s, best_i = top, torch.gather(ci, 1, pos)
-            del s  # free this block's scores before the next block's are allocated
-        return sort_hits(best_s.numpy(), best_i.numpy())
+            else:  # the merged winners by score, then label: the same total order as the final list
+                ms, mi = sort_hits(np.concatenate([best_s, bs], 1), np.concatenate([best_i, bi], 1))
+                best_s, best_i = ms[:, :k], mi[:, :k]
+        return sort_hits(best_s, best_i)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -335,6 +358,8 @@ def index_vectors(index: ExactIndex | FaissIndex) -> np.ndarray:
     store entry it was built from (``meta['entry']``), or FAISS's reconstruction."""
     if isinstance(index, ExactIndex):
         return index.gallery.float().numpy()
+    if not isinstance(index, FaissIndex) and hasattr(index, "vectors"):  # e.g. qshift.scale.ShardedIndex
+        return index.vectors()
     entry = index.meta.get("entry")
     if entry and Path(entry).is_dir():
         from qshift.store import EmbeddingStore

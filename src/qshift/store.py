@@ -22,7 +22,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -106,11 +106,14 @@ class EmbeddingStore:
     # -- encode ------------------------------------------------------------------------
     def encode(self, encoder: Encoder, collection: Collection, modality: str = TEXT, *,
                shard_size: int = 2048, on_error: str = "raise", progress: bool = True,
-               batch_size: int | None = None) -> Embeddings:
+               batch_size: int | None = None, runner: Any = None) -> Embeddings:
         """Embeddings of ``collection``'s captions or images, encoding only missing shards.
 
         ``on_error='skip'`` leaves unreadable images out (zero rows, ``valid=False``)
         with one warning that counts them; ``'raise'`` stops at the first, naming it.
+        ``runner(tasks, entry)`` encodes the missing shards elsewhere (``tasks``: (content,
+        units) pairs) and yields ``(content, record)`` as each is written with
+        :meth:`write_shard` — :mod:`qshift.scale` runs them on Ray.
         """
         if modality not in (TEXT, IMAGE):
             raise InputError(f"modality must be 'text' or 'image', got {modality!r}")
@@ -144,35 +147,53 @@ class EmbeddingStore:
                     "source": collection.source, "n": len(ids), "shard_size": shard_size,
                     "shards": [], "complete": False}
         write_json(entry / "ids.json", ids)
-        todo = sum(1 for c in contents if c not in done)
-        n_skipped = 0
-        with progress_bar(f"encode {modality} ({collection.name})", len(ids),
-                          progress and todo > 0) as bar:
-            for start, content in zip(range(0, len(ids), shard_size), contents):
-                stop = min(start + shard_size, len(ids))
-                if content in done:
-                    record = done[content]
-                else:
-                    vecs, skipped = self._encode_shard(encoder, units[start:stop], modality, on_error,
-                                                       batch_size)
-                    fname = f"shard-{content[:20]}.npy"
-                    save_npy(entry / fname, vecs)
-                    record = {"file": fname, "content": content, "skipped": skipped}
-                record = {**record, "start": start, "n": stop - start}
-                n_skipped += len(record.get("skipped", []))
-                manifest["shards"].append(record)
-                write_json(entry / "manifest.json", manifest)
-                bar.advance(stop - start)
-        manifest["complete"] = True
-        write_json(entry / "manifest.json", manifest)
+        plan = [(s, min(s + shard_size, len(ids)), c) for s, c in zip(range(0, len(ids), shard_size), contents)]
+        records = {c: done[c] for _, _, c in plan if c in done}
+
+        def flush(complete: bool = False) -> None:
+            """The manifest lists every finished shard (in order), so a resume skips them."""
+            manifest["shards"] = [{**records[c], "start": s, "n": e - s} for s, e, c in plan if c in records]
+            manifest["complete"] = complete
+            write_json(entry / "manifest.json", manifest)
+
+        todo = [(s, e, c) for s, e, c in plan if c not in records]
+        with progress_bar(f"encode {modality} ({collection.name})", len(ids), progress and bool(todo)) as bar:
+            bar.advance(len(ids) - sum(e - s for s, e, _ in todo))
+            if runner is None:
+                for s, e, c in todo:
+                    vecs, skipped = self._encode_shard(encoder, units[s:e], modality, on_error, batch_size)
+                    records[c] = self.write_shard(entry, c, vecs, skipped)
+                    flush()
+                    bar.advance(e - s)
+            else:  # e.g. qshift.scale: shards encoded elsewhere, written by the same write_shard
+                sizes = {c: e - s for s, e, c in todo}
+                for c, record in runner([(c, units[s:e]) for s, e, c in todo], entry):
+                    records[c] = record
+                    flush()
+                    bar.advance(sizes[c])
+        missing = [c for _, _, c in plan if c not in records]
+        if missing:
+            raise RuntimeError(f"{entry}: {len(missing)} shards were not encoded")
+        flush(complete=True)
         keep = {s["file"] for s in manifest["shards"]}
         for f in entry.glob("shard-*.npy"):
             if f.name not in keep:
                 f.unlink()
+        for f in entry.glob(".shard-*.tmp*"):  # left by a writer killed mid-write (its shard was redone)
+            f.unlink(missing_ok=True)
+        n_skipped = sum(len(s.get("skipped", [])) for s in manifest["shards"])
         if n_skipped:
             warnings.warn(f"{collection.name}: skipped {n_skipped} unreadable images "
                           f"(listed in {entry / 'manifest.json'})", stacklevel=2)
         return self.load(entry)
+
+    @staticmethod
+    def write_shard(entry: Path, content: str, vecs: np.ndarray, skipped: list[int]) -> dict:
+        """Write one shard atomically (its name is its content hash: a rewrite is the same
+        file) and return its manifest record."""
+        fname = f"shard-{content[:20]}.npy"
+        save_npy(Path(entry) / fname, vecs)
+        return {"file": fname, "content": content, "skipped": list(skipped)}
 
     @staticmethod
     def _content(encoder: Encoder, ids: list[str], stamps: Sequence[str], start: int, size: int) -> str:
