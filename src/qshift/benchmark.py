@@ -133,6 +133,11 @@ def load_config(path: str | Path) -> BenchConfig:
 
 def resolve_collection(spec: str, fmt: str = "auto", base: Path | None = None) -> tuple[Path, Collection]:
     """``world:SPLIT[-STYLE]``, ``shared:REL/PATH`` (under ``../shared/data``) or a path."""
+    if spec.startswith(("world-ilias:", "world-inquire:")):
+        from qshift.world.protocols import protocol_collection
+
+        coll = protocol_collection(spec, progress=True)
+        return Path(coll.source), coll
     if spec.startswith("world:"):
         from qshift.world import world_collection
 
@@ -174,32 +179,27 @@ class Grid:
 
         task = build_task(coll, self.encoder, cfg.direction, self.store, progress=self.progress,
                           query_caption=cfg.query_caption)
-        texts = coll.texts()
-        if cfg.direction == "t2i":
-            raw = texts
-        elif cfg.direction == "t2t":
-            starts = np.concatenate([[0], np.cumsum([len(c) for c in coll.captions])[:-1]])
-            raw = [texts[i] for i in starts + cfg.query_caption]
-        else:
-            raw = list(coll.image_paths or [])
+        raw = task.raw
+        items = task.meta.get("query_items")  # the item each query describes (None: queries are not items)
         keep = np.arange(len(raw))
         if cfg.query_items:
-            item = coll.caption_item() if cfg.direction == "t2i" else np.arange(len(coll))
+            if items is None:
+                raise InputError(f"config: query_items needs queries that are items' captions or images; "
+                                 f"{coll.name}'s queries are not")
             start, _, stop = cfg.query_items.partition(":")
             try:
                 lo, hi = int(start or 0), int(stop) if stop else len(coll)
             except ValueError:
                 raise InputError(f"config: query_items must be 'START:STOP', got {cfg.query_items!r}") from None
-            keep = keep[(item[keep] >= lo) & (item[keep] < hi)]
+            keep = keep[(items[keep] >= lo) & (items[keep] < hi)]
             if not len(keep):
                 raise InputError(f"config: query_items {cfg.query_items!r} selects no query")
         if cfg.max_queries and cfg.max_queries < len(keep):
             keep = np.sort(np.random.default_rng(0).choice(keep, cfg.max_queries, replace=False))
         self.raw_queries = [raw[i] for i in keep]
-        item_of = coll.caption_item() if cfg.direction == "t2i" else np.arange(len(coll))
-        query_items = sorted(set(item_of[keep].tolist())) if cfg.direction in ("t2i", "t2t") else []
-        # every caption of an item that is queried: what the source anchors must not contain
-        self.query_item_texts = {c for i in query_items for c in coll.captions[i]}
+        # what the source anchors must not contain: every caption of a queried item (or the queries)
+        self.query_item_texts = {c for i in sorted(set(items[keep].tolist())) for c in coll.captions[i]} \
+            if items is not None and query_modality(cfg.direction) == "text" else set(map(str, self.raw_queries))
         self._raw_hash = stable_hash(self.raw_queries)  # part of every shifted set's key
         self.clean_queries = task.queries[keep]
         rows = task.qrels.indptr

@@ -218,7 +218,8 @@ def search(index_dir: Path = typer.Argument(..., help="Index directory (from `qs
 @_handle_errors
 def eval_(collection: Path = typer.Argument(..., help="Collection file or folder."),
           encoder: str = EncoderOpt,
-          direction: str = typer.Option("t2i,i2t", help="Comma-separated: t2i, i2t, t2t."),
+          direction: str = typer.Option("t2i,i2t", help="Comma-separated: t2i, i2t, t2t; i2i for world-ilias "
+                                        "collections."),
           store: Optional[Path] = StoreOpt, fmt: str = FormatOpt, limit: Optional[int] = LimitOpt,
           captions_per_item: int = CaptionsPerItemOpt,
           image_root: Optional[Path] = ImageRootOpt,

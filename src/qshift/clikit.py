@@ -53,6 +53,11 @@ def _collection(path: Path, fmt: str, limit: Optional[int], captions_per_item: i
                 image_root: Optional[Path] = None, split: str = "test") -> Any:
     from qshift.data.collection import load_collection
 
+    if not Path(path).exists() and str(path).startswith(("world:", "world-ilias:", "world-inquire:", "shared:")):
+        from qshift.benchmark import resolve_collection
+
+        coll = resolve_collection(str(path), fmt)[1]
+        return coll.subset(limit) if limit else coll
     coll = load_collection(path, fmt, captions_per_item=captions_per_item, image_root=image_root, split=split)
     return coll.subset(limit) if limit else coll
 

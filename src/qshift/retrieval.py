@@ -39,6 +39,7 @@ class RetrievalTask:
     gallery_ids: list[str]
     query_texts: list[str] | None = None
     meta: dict = field(default_factory=dict)
+    raw: list | None = None          # the raw queries in task order: texts, or image paths
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -58,8 +59,10 @@ def text_to_text_task(collection: Collection, text: Embeddings, query_caption: i
     sums = np.add.reduceat(text.vectors, starts, axis=0) - text.vectors[q_rows]
     gallery = normalize_rows(sums / (counts - 1)[:, None])
     texts = collection.texts()
+    queries = [texts[i] for i in q_rows]
     return RetrievalTask("t2t", text.vectors[q_rows], gallery, Qrels.from_labels(np.arange(len(collection))),
-                         [text.ids[i] for i in q_rows], list(collection.ids), [texts[i] for i in q_rows])
+                         [text.ids[i] for i in q_rows], list(collection.ids), queries,
+                         {"query_items": np.arange(len(collection))}, raw=queries)
 
 
 def cross_modal_task(collection: Collection, text: Embeddings, image: Embeddings, direction: str) -> RetrievalTask:
@@ -74,21 +77,67 @@ def cross_modal_task(collection: Collection, text: Embeddings, image: Embeddings
         return RetrievalTask("t2i", text.vectors[keep_q], image.vectors[kept_items],
                              Qrels.from_labels(new_pos[item_of_caption[keep_q]]),
                              [i for i, k in zip(text.ids, keep_q) if k], [image.ids[i] for i in kept_items],
-                             texts, {"dropped_queries": int((~keep_q).sum())})
+                             texts, {"dropped_queries": int((~keep_q).sum()), "query_items": item_of_caption[keep_q]},
+                             raw=texts)
     caps = collection.item_captions()
     return RetrievalTask("i2t", image.vectors[kept_items], text.vectors,
                          Qrels.from_lists([caps[i] for i in kept_items]),
                          [image.ids[i] for i in kept_items], list(text.ids), None,
-                         {"dropped_queries": int((~valid).sum())})
+                         {"dropped_queries": int((~valid).sum()), "query_items": kept_items},
+                         raw=[str(collection.image_paths[i]) for i in kept_items])
+
+
+def protocol_task(collection: Collection, encoder: Encoder, direction: str, store: EmbeddingStore,
+                  progress: bool = True) -> RetrievalTask:
+    """The task of a World-ILIAS (i2i: renderings of one instance are each other's
+    positives) or World-INQUIRE (t2i: template queries with their relevant images)
+    collection (:mod:`qshift.world.protocols`)."""
+    from qshift.world.protocols import images_hash
+
+    p = collection.meta["protocol"]
+    if collection.image_paths is None or p.get("images") != images_hash([str(x) for x in collection.image_paths],
+                                                                        p.get("seed", 0)):
+        raise InputError(f"{collection.source}: its protocol file was written for other renderings (another world "
+                         "seed or build); rebuild the protocol set")
+    expected = {"ilias": "i2i", "inquire": "t2i"}[p["kind"]]
+    if direction != expected:
+        raise InputError(f"{collection.name}: a world-{p['kind']} collection is searched {expected}, not {direction}")
+    image = store.encode(encoder, collection, IMAGE, progress=progress)
+    if p["kind"] == "ilias":
+        role, inst = np.asarray(p["role"]), np.asarray(p["instance"])
+        if len(role) != len(collection):
+            raise InputError(f"{collection.source}: protocol lists {len(role)} images, the collection has "
+                             f"{len(collection)} (renderings from another world seed or build?)")
+        q, gal = np.flatnonzero(role == "query"), np.flatnonzero(role == "gallery")
+        pos = {k: np.flatnonzero(inst[gal] == k) for k in set(inst[q].tolist())}
+        empty = [int(inst[i]) for i in q if len(pos[int(inst[i])]) == 0]
+        if empty:
+            raise InputError(f"{collection.source}: instances {empty[:5]} have a single rendering (no positive)")
+        return RetrievalTask("i2i", image.vectors[q], image.vectors[gal], Qrels.from_lists([pos[int(inst[i])] for i in q]),
+                             [collection.ids[i] for i in q], [collection.ids[i] for i in gal], None,
+                             {"query_items": None, "instances": inst[q].tolist()},
+                             raw=[str(collection.image_paths[i]) for i in q])
+    queries = p["queries"]
+    bad = [qq["text"] for qq in queries if not qq["positives"]]
+    if bad:
+        raise InputError(f"{collection.source}: queries {bad[:3]} have no relevant image")
+    texts = [qq["text"] for qq in queries]
+    qcoll = Collection(f"{collection.name}-queries", [f"q{i}" for i in range(len(texts))], [[t] for t in texts])
+    temb = store.encode(encoder, qcoll, TEXT, progress=progress)
+    return RetrievalTask("t2i", temb.vectors, image.vectors, Qrels.from_lists([qq["positives"] for qq in queries]),
+                         qcoll.ids, list(collection.ids), texts,
+                         {"query_items": None, "templates": [qq["template"] for qq in queries]}, raw=texts)
 
 
 def build_task(collection: Collection, encoder: Encoder, direction: str, store: EmbeddingStore, *,
                progress: bool = True, on_error: str = "raise", query_caption: int = 0) -> RetrievalTask:
     """Encode what ``direction`` needs (through the cache) and assemble the task."""
     check_direction(direction)
+    if "protocol" in collection.meta:
+        return protocol_task(collection, encoder, direction, store, progress)
     if direction == "i2i":
-        raise InputError("i2i tasks need instance labels (which images show the same thing); a caption "
-                         "collection has none — search image→image with `qshift search INDEX -i IMAGE`")
+        raise InputError(f"{collection.name}: i2i tasks need instance labels (which images show the same thing), "
+                         "as world-ilias:SPLIT collections have; a caption collection has none")
     text = store.encode(encoder, collection, TEXT, progress=progress)
     if direction == "t2t":
         return text_to_text_task(collection, text, query_caption)

@@ -22,8 +22,12 @@ candidates". No formula is published; qshift's reading, every choice an option:
   averaged over every query whose exclusion set is non-empty — no confidence threshold,
   which is the point: the share of queries learnt from is ~100 % where TCR's is not.
 
+* **Spread** (``uniformity``, default 0): a batch's queries share most of their
+  exclusion proxies, so the push moves them all the same way; TCR's uniformity term
+  u = mean_i exp(−t‖q_i − q̄‖) (t = 0.1) with this weight keeps them apart.
+
 ``{adapt: {method: epcl}}`` alone; ``{adapt: {method: rest, epcl_weight: 1.0}}`` adds it
-to REST's objective.
+to REST's objective (with ``use_consistency: false, decouple: false``: to TCR's).
 """
 
 from __future__ import annotations
@@ -131,8 +135,10 @@ class EPCL(Objective):
     name = "epcl"
 
     def __init__(self, k_pos: int = 3, exclude_rank: float = 0.5, proxies: str = "prototypes", n_proxies: int = 32,
-                 n_items: int = 64, proxy_temperature: float | None = None) -> None:
+                 n_items: int = 64, proxy_temperature: float | None = None, uniformity: float = 0.0,
+                 t: float = 0.1) -> None:
         self.epcl = EPCLConfig(k_pos, exclude_rank, proxies, n_proxies, n_items, proxy_temperature)
+        self.uniformity, self.t = float(uniformity), float(t)
         self.proxies: ExclusionProxies | None = None
 
     def setup(self, adapter: Adapter) -> None:
@@ -142,6 +148,9 @@ class EPCL(Objective):
     def loss(self, adapter: Adapter, batch: Batch, pred: Predictions, step: int) -> torch.Tensor:
         loss, has = epcl_loss(adapter, pred, self.epcl, self.proxies)
         self.learned = has
+        if self.uniformity > 0 and len(pred.q) > 1:
+            q = pred.q
+            loss = loss + self.uniformity * torch.exp(-self.t * (q - q.mean(0)).norm(dim=1)).mean()
         return loss
 
     def state_dict(self) -> dict:  # k-means is seeded, but threads may order its sums differently
