@@ -13,6 +13,7 @@ from rich.table import Table
 from qshift.clikit import (
     CaptionsPerItemOpt, EncoderOpt, FormatOpt, ImageRootOpt, JsonOpt, LimitOpt, OnErrorOpt, SplitOpt, StoreOpt,
     _collection, _handle_errors, _print_json, _store, out)
+from qshift.continual.cli import app as continual_app
 from qshift.quari.cli import app as quari_app
 from qshift.world.cli import app as world_app
 
@@ -20,6 +21,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
                   help="Image–text retrieval over frozen encoders that stays accurate under query shift.")
 app.add_typer(world_app, name="world")
 app.add_typer(quari_app, name="quari")
+app.add_typer(continual_app, name="continual")
 
 def metrics_table(rows: dict[str, dict[str, float]], title: str) -> Table:
     cols = [c for c in next(iter(rows.values())) if c not in ("queries", "gallery")]

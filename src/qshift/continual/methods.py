@@ -1,0 +1,383 @@
+"""Continual learners of a visual domain sequence: DAR and the baselines, on one loop.
+
+Every learner adapts the *image tower* of a frozen dual encoder to each new domain with
+the symmetric InfoNCE loss on the domain's (image, caption) pairs — the text tower stays
+frozen, so caption embeddings are computed once — and embeds images with what it has
+learnt so far. Reconstructions where the seeds are silent (each an option):
+
+* ``zero-shot`` — the frozen model (lower bound).
+* ``seq-ft`` — fine-tune the whole image tower on each domain in turn.
+* ``ewc`` — seq-ft + λ Σ F_i (θ_i − θ*_i)², the diagonal Fisher of the contrastive loss
+  accumulated over the domains learnt so far (Kirkpatrick et al. 2017).
+* ``lwf`` — seq-ft + KL distillation of the previous step's image→caption predictions
+  on the current batch (Li & Hoiem 2016; T = 2).
+* ``replay`` — seq-ft with ``buffer`` pairs kept from every earlier domain, half of each
+  batch drawn from the buffer.
+* ``zscl`` — seq-ft + distillation of the *initial* model's predictions on the current
+  batch (the reference data ZSCL draws from elsewhere is not available here) and weight
+  averaging of the end-of-domain weights with the initial ones (Zheng et al. 2023).
+* ``joint`` — the tower trained on every domain at once, after the last one (upper bound).
+* ``dar`` — per-domain residual adapters (:mod:`.adapters`) trained alone, prototype
+  routing (:mod:`.router`; ``routing: soft|hard``); ``dar-merge`` merges the adapters
+  (:mod:`.merge`, TIES) and runs the merged one on every input instead of routing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qshift.errors import InputError
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 3
+    lr: float = 1e-4
+    adapter_lr: float = 1e-3
+    batch_size: int = 128
+    weight_decay: float = 0.01
+    seed: int = 0
+    ewc_lambda: float = 100.0
+    distill_weight: float = 1.0
+    buffer: int = 200
+    rank: int = 16
+    routing: str = "soft"
+    top_k: int = 2
+    route_temperature: float = 0.05
+    threshold: float = 0.0
+    prototypes: int = 1
+    merge: str = "ties"
+    merge_density: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2:
+            raise InputError(f"continual: epochs >= 1 and batch_size >= 2 needed, got {self.epochs}, "
+                             f"{self.batch_size}")
+
+
+@dataclass
+class Domain:
+    """One domain: training images (pixels ready for the tower) with caption embeddings."""
+
+    name: str
+    pixels: torch.Tensor           # N × 3 × H × W, preprocessed
+    captions: torch.Tensor         # C × d frozen caption embeddings
+    caption_item: np.ndarray       # C: the image of each caption
+
+
+class Learner:
+    """The shared loop: contrastive steps on a domain, image embedding, state."""
+
+    name = "learner"
+
+    def __init__(self, encoder: Any, settings: TrainSettings) -> None:
+        self.enc, self.s = encoder, settings
+        self.tower = encoder.tower("image")
+        if self.tower is None:
+            raise InputError(f"{encoder.spec}: no torch image tower to adapt")
+        self.tau = encoder.temperature() or 0.05
+        self.tower.eval()
+        for p in self.tower.parameters():
+            p.requires_grad_(False)
+        self.initial = {k: v.detach().clone() for k, v in self.tower.state_dict().items()}
+        self.seen: list[Domain] = []
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.enc.forward(pixels, "image").float(), dim=-1)
+
+    def batches(self, d: Domain, epoch: int) -> Any:
+        rng = np.random.default_rng([self.s.seed, len(self.seen), epoch])
+        order = rng.permutation(len(d.pixels))
+        by_item = [np.flatnonzero(d.caption_item == i) for i in range(len(d.pixels))]
+        for b in range(max(1, len(order) // self.s.batch_size)):
+            idx = order[b * self.s.batch_size:(b + 1) * self.s.batch_size]
+            cap = np.array([rng.choice(by_item[i]) for i in idx])
+            yield idx, cap
+
+    def contrastive(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        logits = img @ txt.T / self.tau
+        lab = torch.arange(len(img))
+        return (F.cross_entropy(logits, lab) + F.cross_entropy(logits.T, lab)) / 2
+
+    def extra_loss(self, d: Domain, idx: np.ndarray, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        return img.sum() * 0.0
+
+    def batch_data(self, d: Domain, idx: np.ndarray, cap: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return d.pixels[idx], d.captions[cap]
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return list(self.tower.parameters())
+
+    def fit(self, d: Domain, params: list[torch.nn.Parameter], lr: float) -> float:
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.s.weight_decay)
+        last = math.nan
+        torch.manual_seed(self.s.seed + len(self.seen))
+        for epoch in range(self.s.epochs):
+            for idx, cap in self.batches(d, epoch):
+                pix, txt = self.batch_data(d, idx, cap)
+                with torch.enable_grad():
+                    img = self.image_features(pix)
+                    loss = self.contrastive(img, txt) + self.extra_loss(d, idx, img, txt)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                opt.step()
+                last = float(loss.detach())
+        for p in params:
+            p.requires_grad_(False)
+        return last
+
+    def learn(self, d: Domain) -> dict:
+        loss = self.fit(d, self.trainable(), self.s.lr)
+        self.seen.append(d)
+        return {"loss": loss}
+
+    @torch.no_grad()
+    def embed(self, pixels: torch.Tensor, batch: int = 256) -> np.ndarray:
+        return np.concatenate([self.image_features(pixels[s:s + batch]).numpy() for s in range(0, len(pixels), batch)])
+
+    def close(self) -> None:
+        self.tower.load_state_dict(self.initial)
+
+
+class ZeroShot(Learner):
+    name = "zero-shot"
+
+    def learn(self, d: Domain) -> dict:
+        self.seen.append(d)
+        return {}
+
+
+class SeqFT(Learner):
+    name = "seq-ft"
+
+
+class EWC(Learner):
+    name = "ewc"
+
+    def __init__(self, encoder: Any, settings: TrainSettings) -> None:
+        super().__init__(encoder, settings)
+        self.fisher: list[torch.Tensor] | None = None
+        self.anchor: list[torch.Tensor] | None = None
+
+    def extra_loss(self, d: Domain, idx: np.ndarray, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        if self.fisher is None:
+            return img.sum() * 0.0
+        return self.s.ewc_lambda * sum(((f * (p - a) ** 2).sum()
+                                        for f, p, a in zip(self.fisher, self.trainable(), self.anchor)))
+
+    def learn(self, d: Domain) -> dict:
+        out = super().learn(d)
+        params = self.trainable()
+        fisher = [torch.zeros_like(p) for p in params]
+        n = 0
+        for p in params:
+            p.requires_grad_(True)
+        for idx, cap in self.batches(d, 0):  # the diagonal Fisher of this domain's loss
+            pix, txt = self.batch_data(d, idx, cap)
+            with torch.enable_grad():
+                grads = torch.autograd.grad(self.contrastive(self.image_features(pix), txt), params, allow_unused=True)
+            fisher = [f + (g.detach() ** 2 if g is not None else 0) for f, g in zip(fisher, grads)]
+            n += 1
+        for p in params:
+            p.requires_grad_(False)
+        fisher = [f / max(n, 1) for f in fisher]
+        self.fisher = fisher if self.fisher is None else [a + b for a, b in zip(self.fisher, fisher)]
+        self.anchor = [p.detach().clone() for p in params]
+        return out
+
+
+class LwF(Learner):
+    name = "lwf"
+
+    def __init__(self, encoder: Any, settings: TrainSettings) -> None:
+        super().__init__(encoder, settings)
+        self.teacher: Any = None   # a frozen copy of the encoder
+
+    def snapshot(self) -> Any:
+        import copy
+
+        t = copy.deepcopy(self.enc)
+        for p in t.tower("image").parameters():
+            p.requires_grad_(False)
+        return t
+
+    def extra_loss(self, d: Domain, idx: np.ndarray, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        if self.teacher is None:
+            return img.sum() * 0.0
+        with torch.no_grad():
+            t = F.normalize(self.teacher.forward(d.pixels[idx], "image").float(), dim=-1) @ txt.T / self.tau
+        s = img @ txt.T / self.tau
+        temp = 2.0
+        return self.s.distill_weight * temp ** 2 * F.kl_div((s / temp).log_softmax(1), (t / temp).softmax(1),
+                                                            reduction="batchmean")
+
+    def learn(self, d: Domain) -> dict:
+        out = super().learn(d)
+        self.teacher = self.snapshot()  # the next domain distils this step's predictions
+        return out
+
+
+class ZSCL(LwF):
+    name = "zscl"
+
+    def __init__(self, encoder: Any, settings: TrainSettings) -> None:
+        super().__init__(encoder, settings)
+        self.teacher = self.snapshot()   # distil the initial (zero-shot) model throughout
+        self.average = {k: v.detach().clone() for k, v in self.initial.items()}
+        self.averaged = 1                # weight ensemble: the initial weights count once
+
+    def learn(self, d: Domain) -> dict:
+        out = Learner.learn(self, d)
+        new = self.tower.state_dict()
+        for k, v in new.items():  # running mean of the initial and the end-of-domain weights
+            if v.is_floating_point():
+                self.average[k] = (self.average[k] * self.averaged + v.detach()) / (self.averaged + 1)
+            else:
+                self.average[k] = v.detach().clone()
+        self.averaged += 1
+        self.tower.load_state_dict(self.average)
+        return out
+
+
+class Replay(Learner):
+    name = "replay"
+
+    def __init__(self, encoder: Any, settings: TrainSettings) -> None:
+        super().__init__(encoder, settings)
+        self.buf_pix: list[torch.Tensor] = []
+        self.buf_txt: list[torch.Tensor] = []
+
+    def batch_data(self, d: Domain, idx: np.ndarray, cap: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        pix, txt = d.pixels[idx], d.captions[cap]
+        if not self.buf_pix:
+            return pix, txt
+        bp, bt = torch.cat(self.buf_pix), torch.cat(self.buf_txt)
+        half = len(idx) // 2
+        pick = torch.from_numpy(np.random.default_rng(int(idx[0])).choice(len(bp), min(half, len(bp)), replace=False))
+        return torch.cat([pix[:len(idx) - len(pick)], bp[pick]]), torch.cat([txt[:len(idx) - len(pick)], bt[pick]])
+
+    def learn(self, d: Domain) -> dict:
+        out = super().learn(d)
+        rng = np.random.default_rng([self.s.seed, len(self.seen)])
+        keep = rng.choice(len(d.pixels), min(self.s.buffer, len(d.pixels)), replace=False)
+        caps = np.array([rng.choice(np.flatnonzero(d.caption_item == i)) for i in keep])
+        self.buf_pix.append(d.pixels[keep])
+        self.buf_txt.append(d.captions[caps])
+        return out
+
+
+class Joint(Learner):
+    """Trains on the union of every domain once the last one has arrived."""
+
+    name = "joint"
+
+    def __init__(self, encoder: Any, settings: TrainSettings, n_domains: int = 0) -> None:
+        super().__init__(encoder, settings)
+        self.n_domains = n_domains
+
+    def learn(self, d: Domain) -> dict:
+        self.seen.append(d)
+        if len(self.seen) < self.n_domains:
+            return {"trained": False}
+        union = Domain("joint", torch.cat([x.pixels for x in self.seen]), torch.cat([x.captions for x in self.seen]),
+                       np.concatenate([x.caption_item + sum(len(y.pixels) for y in self.seen[:i])
+                                       for i, x in enumerate(self.seen)]))
+        self.seen = self.seen[:-1]
+        out = {"loss": self.fit(union, self.trainable(), self.s.lr), "trained": True}
+        self.seen.append(d)
+        return out
+
+
+class DAR(Learner):
+    """Per-domain adapters + prototype routing (or one merged adapter)."""
+
+    name = "dar"
+
+    def __init__(self, encoder: Any, settings: TrainSettings, merged: bool = False) -> None:
+        from qshift.continual.adapters import AdapterBank
+        from qshift.continual.router import PrototypeRouter
+
+        super().__init__(encoder, settings)
+        self.merged = merged
+        example = encoder.prepare([np.zeros((32, 32, 3), np.uint8)] * 2, "image")  # one probe forward
+        self.bank = AdapterBank(self.tower, example, lambda x: encoder.forward(x, "image"), rank=settings.rank)
+        self.router = PrototypeRouter(encoder.fingerprint(), settings.routing, settings.top_k,
+                                      settings.route_temperature, settings.threshold, settings.prototypes)
+        self.init_state: dict | None = None
+        self.merged_state: dict | None = None
+
+    def base_features(self, pixels: torch.Tensor) -> np.ndarray:
+        self.bank.active, self.bank.weights = None, None
+        return Learner.embed(self, pixels)
+
+    def learn(self, d: Domain) -> dict:
+        branches = self.bank.add_domain(d.name, seed=self.s.seed)
+        if self.init_state is None:
+            self.init_state = {k: v.detach().clone() for k, v in branches.state_dict().items()}
+        self.router.add(d.name, self.base_features(d.pixels), seed=self.s.seed)
+        self.bank.active = d.name
+        loss = self.fit(d, list(branches.parameters()), self.s.adapter_lr)
+        self.bank.active = None
+        self.seen.append(d)
+        if self.merged:
+            from qshift.continual.merge import merge
+
+            states = [{k: v.detach().clone() for k, v in self.bank.domains[n].state_dict().items()}
+                      for n in self.bank.domains]
+            self.merged_state = merge(self.init_state, states, self.s.merge, density=self.s.merge_density)
+        return {"loss": loss, "adapter_parameters": self.bank.n_parameters(d.name)}
+
+    @torch.no_grad()
+    def embed(self, pixels: torch.Tensor, batch: int = 256) -> np.ndarray:
+        if not self.seen:
+            return self.base_features(pixels)
+        if self.merged:
+            live = self._swap_in_merged()
+            try:
+                self.bank.active = self.seen[0].name
+                return Learner.embed(self, pixels, batch)
+            finally:
+                self.bank.active = None
+                self.bank.domains[self.seen[0].name].load_state_dict(live)
+        weights = self.router.torch_weights(self.base_features(pixels))
+        out = []
+        for s in range(0, len(pixels), batch):
+            self.bank.weights = weights[s:s + batch]
+            out.append(self.image_features(pixels[s:s + batch]).numpy())
+        self.bank.weights = None
+        return np.concatenate(out)
+
+    def _swap_in_merged(self) -> dict:
+        first = self.bank.domains[self.seen[0].name]
+        live = {k: v.detach().clone() for k, v in first.state_dict().items()}
+        first.load_state_dict(self.merged_state)
+        return live
+
+    def close(self) -> None:
+        self.bank.remove()
+        super().close()
+
+
+def create_learner(name: str, encoder: Any, settings: TrainSettings, n_domains: int) -> Learner:
+    table = {"zero-shot": ZeroShot, "seq-ft": SeqFT, "ewc": EWC, "lwf": LwF, "replay": Replay, "zscl": ZSCL}
+    if name in table:
+        return table[name](encoder, settings)
+    if name == "joint":
+        return Joint(encoder, settings, n_domains)
+    if name in ("dar", "dar-hard", "dar-merge"):
+        s = dataclasses.replace(settings, routing="hard") if name == "dar-hard" else settings
+        return DAR(encoder, s, merged=name == "dar-merge")
+    from qshift.registry import unknown_name
+
+    raise InputError(unknown_name("continual method", name,
+                                  [*table, "joint", "dar", "dar-hard", "dar-merge"]))

