@@ -155,3 +155,74 @@ def test_bad_configs(tmp_path):
 
     with pytest.raises(InputError, match="unknown continual method 'darr'"):
         create_learner("darr", None, None, 1)
+
+
+def _same(a, b) -> bool:  # noqa: ANN001
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_an_interrupted_run_resumes_after_its_last_step(tiny_world, tmp_path, monkeypatch):
+    from qshift.continual import methods as cm
+    from qshift.encoders import create_encoder
+    from qshift.continual.protocol import ContinualConfig, run_continual
+    from qshift.store import EmbeddingStore
+
+    monkeypatch.setenv("QSHIFT_CACHE", str(tiny_world / "cache"))
+    cfg = ContinualConfig(name="r", encoder="world:mini-clip", domains=["flat", "photo", "sketch"], ood=[],
+                          methods=["ewc", "lwf", "zscl", "replay", "dar", "dar-merge"],
+                          settings={"epochs": 1, "batch_size": 8, "buffer": 4})
+    store = EmbeddingStore(tmp_path / "st")
+    whole = run_continual(cfg, tmp_path / "whole", store, progress=False)
+    fit = cm.Learner.fit
+    died: list[str] = []
+
+    def dies_once_at_step_2(self, d, params, lr):  # noqa: ANN001, ANN202
+        if len(self.seen) == 2 and self.spec_name not in died:
+            died.append(self.spec_name)
+            raise RuntimeError("killed")
+        return fit(self, d, params, lr)
+
+    monkeypatch.setattr(cm.Learner, "fit", dies_once_at_step_2)
+    stamps = {}
+    for _ in cfg.methods:  # each run resumes the methods cut so far and cuts the next one
+        with pytest.raises(RuntimeError, match="killed"):
+            run_continual(cfg, tmp_path / "cut", store, progress=False)
+        m = died[-1]
+        cut = tmp_path / "cut" / "order0" / m
+        assert sorted(p.name for p in cut.glob("step*.json")) == ["step0.json", "step1.json"]
+        stamps[m] = (cut / "step1.json").stat().st_mtime_ns
+    assert died == cfg.methods
+    run_continual(cfg, tmp_path / "cut", store, progress=False)
+    for m, stamp in stamps.items():  # resumed after step 1, not re-run
+        assert (tmp_path / "cut" / "order0" / m / "step1.json").stat().st_mtime_ns == stamp, m
+    for m in cfg.methods:
+        a = json.loads((whole / "order0" / m / "step2.json").read_text())["eval"]
+        b = json.loads((tmp_path / "cut" / "order0" / m / "step2.json").read_text())["eval"]
+        assert a == b, m
+        sa, sb = (torch.load(d / "order0" / m / "state.pt", weights_only=False)["learner"]
+                  for d in (whole, tmp_path / "cut"))
+        assert _same(sa["tower"], sb["tower"]) and _same(sa["extra"], sb["extra"]), m  # weights, adapters, buffers
+        assert sa["seen"] == sb["seen"] == ["flat", "photo", "sketch"]
+    state = torch.load(whole / "order0" / "dar" / "state.pt", weights_only=False)
+    learner = cm.create_learner("dar", create_encoder("world:mini-clip"), cm.TrainSettings(), 3)
+    with pytest.raises(StoreMismatchError, match="state of encoder other#0"):
+        learner.load_state_dict({**state["learner"], "fingerprint": "other#0"}, {})
+    # the saved state serves the query pipeline as an encoder: the same recall as the protocol measured
+    from qshift.continual.protocol import DomainSet, _collection, recall
+
+    dar = create_encoder(f"dar:{whole / 'order0' / 'dar' / 'state.pt'}")
+    assert dar.fingerprint() != create_encoder("world:mini-clip").fingerprint()
+    test = DomainSet(cfg, dar.base, store).testing("sketch")
+    images = dar.encode_images(list(_collection("sketch", "test").subset(cfg.max_test_images).image_paths))
+    want = json.loads((whole / "order0" / "dar" / "step2.json").read_text())["eval"]["sketch"]
+    assert recall(images, test)["R@1"] == pytest.approx(want["R@1"], abs=1e-9)
+    from qshift.errors import EncoderSpecError
+
+    with pytest.raises(EncoderSpecError, match="no such state file"):
+        create_encoder(f"dar:{tmp_path / 'missing.pt'}")

@@ -145,6 +145,35 @@ class Learner:
     def embed(self, pixels: torch.Tensor, batch: int = 256) -> np.ndarray:
         return np.concatenate([self.image_features(pixels[s:s + batch]).numpy() for s in range(0, len(pixels), batch)])
 
+    # -- state: a run resumes after its last finished step ----------------------------------------
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, extra: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"fingerprint": self.enc.fingerprint(), "encoder": self.enc.spec, "method": self.name,
+                "method_spec": getattr(self, "spec_name", self.name), "settings": dataclasses.asdict(self.s),
+                "seen": [d.name for d in self.seen],
+                "tower": {k: v.detach().clone() for k, v in self.tower.state_dict().items()},
+                "extra": self.extra_state()}
+
+    def load_state_dict(self, state: dict, domains: dict[str, Domain]) -> None:
+        """Restore a :meth:`state_dict`; ``domains``: the learnt domains' data, by name (those
+        missing are kept by name only: enough to embed, not to learn on)."""
+        from qshift.errors import StoreMismatchError
+
+        if state["fingerprint"] != self.enc.fingerprint():
+            raise StoreMismatchError(f"continual: a {state['method']} state of encoder {state['fingerprint']}, "
+                                     f"not {self.enc.fingerprint()}")
+        if state["method"] != self.name:
+            raise InputError(f"continual: a state of method {state['method']!r}, not {self.name!r}")
+        self.tower.load_state_dict(state["tower"])
+        empty = (torch.empty(0), torch.empty(0), np.empty(0, dtype=np.int64))
+        self.seen = [domains.get(n) or Domain(n, *empty) for n in state["seen"]]
+        self.load_extra_state(state["extra"])
+
     def close(self) -> None:
         self.tower.load_state_dict(self.initial)
 
@@ -195,6 +224,12 @@ class EWC(Learner):
         self.anchor = [p.detach().clone() for p in params]
         return out
 
+    def extra_state(self) -> dict:
+        return {"fisher": self.fisher, "anchor": self.anchor}
+
+    def load_extra_state(self, extra: dict) -> None:
+        self.fisher, self.anchor = extra["fisher"], extra["anchor"]
+
 
 class LwF(Learner):
     name = "lwf"
@@ -226,6 +261,14 @@ class LwF(Learner):
         self.teacher = self.snapshot()  # the next domain distils this step's predictions
         return out
 
+    def extra_state(self) -> dict:
+        return {"teacher": None if self.teacher is None else self.teacher.tower("image").state_dict()}
+
+    def load_extra_state(self, extra: dict) -> None:
+        if extra["teacher"] is not None:
+            self.teacher = self.snapshot()
+            self.teacher.tower("image").load_state_dict(extra["teacher"])
+
 
 class ZSCL(LwF):
     name = "zscl"
@@ -247,6 +290,13 @@ class ZSCL(LwF):
         self.averaged += 1
         self.tower.load_state_dict(self.average)
         return out
+
+    def extra_state(self) -> dict:  # the teacher is the initial model, rebuilt by __init__
+        return {"average": self.average, "averaged": self.averaged}
+
+    def load_extra_state(self, extra: dict) -> None:
+        self.average = {k: v.clone() for k, v in extra["average"].items()}
+        self.averaged = int(extra["averaged"])
 
 
 class Replay(Learner):
@@ -274,6 +324,12 @@ class Replay(Learner):
         self.buf_pix.append(d.pixels[keep])
         self.buf_txt.append(d.captions[caps])
         return out
+
+    def extra_state(self) -> dict:
+        return {"buf_pix": self.buf_pix, "buf_txt": self.buf_txt}
+
+    def load_extra_state(self, extra: dict) -> None:
+        self.buf_pix, self.buf_txt = list(extra["buf_pix"]), list(extra["buf_txt"])
 
 
 class Joint(Learner):
@@ -357,6 +413,19 @@ class DAR(Learner):
         self.bank.weights = None
         return np.concatenate(out)
 
+    def extra_state(self) -> dict:
+        return {"adapters": {n: {k: v.detach().clone() for k, v in b.state_dict().items()}
+                             for n, b in self.bank.domains.items()},
+                "router": self.router.state_dict(), "init_state": self.init_state, "merged_state": self.merged_state}
+
+    def load_extra_state(self, extra: dict) -> None:
+        from qshift.continual.router import PrototypeRouter
+
+        for name, state in extra["adapters"].items():
+            self.bank.add_domain(name, seed=self.s.seed).load_state_dict(state)
+        self.router = PrototypeRouter.from_state(dict(extra["router"]), self.enc.fingerprint())
+        self.init_state, self.merged_state = extra["init_state"], extra["merged_state"]
+
     def _swap_in_merged(self) -> dict:
         first = self.bank.domains[self.seen[0].name]
         live = {k: v.detach().clone() for k, v in first.state_dict().items()}
@@ -370,13 +439,17 @@ class DAR(Learner):
 
 def create_learner(name: str, encoder: Any, settings: TrainSettings, n_domains: int) -> Learner:
     table = {"zero-shot": ZeroShot, "seq-ft": SeqFT, "ewc": EWC, "lwf": LwF, "replay": Replay, "zscl": ZSCL}
+    learner: Learner | None = None
     if name in table:
-        return table[name](encoder, settings)
-    if name == "joint":
-        return Joint(encoder, settings, n_domains)
-    if name in ("dar", "dar-hard", "dar-merge"):
+        learner = table[name](encoder, settings)
+    elif name == "joint":
+        learner = Joint(encoder, settings, n_domains)
+    elif name in ("dar", "dar-hard", "dar-merge"):
         s = dataclasses.replace(settings, routing="hard") if name == "dar-hard" else settings
-        return DAR(encoder, s, merged=name == "dar-merge")
+        learner = DAR(encoder, s, merged=name == "dar-merge")
+    if learner is not None:
+        learner.spec_name = name
+        return learner
     from qshift.registry import unknown_name
 
     raise InputError(unknown_name("continual method", name,

@@ -13,7 +13,10 @@ Metrics (per method and order, from the step × domain R@1 matrix A, mean of T2I
 average R@1 over the learnt domains after the last step; backward transfer
 BWT = mean_{d<T} A[T, d] − A[d, d] (negative: forgetting); forgetting = mean_d
 max_{t<T} A[t, d] − A[T, d]; forward transfer FWT = mean_{d≥1} A[d−1, d] − A₀[d] with A₀
-the zero-shot model; OOD = A[T, ood]. Results resume per step (one JSON each).
+the zero-shot model; OOD = A[T, ood]. Runs resume per step: each step writes the
+learner's state (adapters, prototypes, tower, buffers, with the encoder's fingerprint)
+to ``state.pt`` and then its results; a resumed run loads the state of its last
+finished step and goes on from there.
 """
 
 from __future__ import annotations
@@ -188,9 +191,12 @@ def run_continual(cfg: ContinualConfig, out: Path | None = None, store: Any = No
                 continue
             enc = create_encoder(cfg.encoder)
             learner = create_learner(method, enc, settings, len(order))
-            kept: dict[str, np.ndarray] = {}
+            start, kept = _resume(folder, key, learner, order, data, done)
+            bar.advance(start)
             try:
                 for t, spec in enumerate(order):
+                    if t < start:
+                        continue
                     d = data.training(spec)
                     t0 = time.perf_counter()
                     info = learner.learn(d)
@@ -208,6 +214,7 @@ def run_continual(cfg: ContinualConfig, out: Path | None = None, store: Any = No
                         evals[n] = recall(images, test)
                     step = {"key": key, "method": method, "order": [cfg.domain_name(x) for x in order], "step": t,
                             "domain": d.name, "train": info, "train_seconds": seconds, "eval": evals}
+                    _save_state(folder, key, t, learner, kept)
                     write_json(folder / f"step{t}.json", step)
                     if console is not None:
                         console.print(f"{method:>10s} order {order_seed} step {t} ({d.name}): mean R@1 "
@@ -217,6 +224,33 @@ def run_continual(cfg: ContinualConfig, out: Path | None = None, store: Any = No
                 learner.close()
     summarize(out, cfg, names, oods)
     return out
+
+
+def _save_state(folder: Path, key: str, step: int, learner: Any, kept: dict) -> None:
+    """The learner after ``step`` (adapters, prototypes, tower, buffers; with the encoder's
+    fingerprint), written atomically before the step's results."""
+    from qshift.io import atomic_path
+
+    with atomic_path(folder / "state.pt", suffix=".pt") as tmp:
+        torch.save({"key": key, "step": step, "learner": learner.state_dict(), "kept": kept}, tmp)
+
+
+def _resume(folder: Path, key: str, learner: Any, order: list, data: "DomainSet", done: list
+            ) -> tuple[int, dict[str, np.ndarray]]:
+    """The first step still to run (after the last finished one whose saved state matches,
+    which is loaded into ``learner``) and the kept gallery embeddings."""
+    finished = 0
+    while finished < len(done) and done[finished].get("key") == key and done[finished]["step"] == finished:
+        finished += 1
+    path = folder / "state.pt"
+    if finished == 0 or not path.is_file():
+        return 0, {}
+    state = torch.load(path, weights_only=False)
+    if state.get("key") != key or state.get("step") != finished - 1:
+        return 0, {}
+    learner.load_state_dict(state["learner"], {ContinualConfig.domain_name(s): data.training(s)
+                                                for s in order[:finished]})
+    return finished, dict(state["kept"])
 
 
 def summarize(out: Path, cfg: ContinualConfig, names: list[str], oods: list[str]) -> dict:
@@ -243,9 +277,10 @@ def summarize(out: Path, cfg: ContinualConfig, names: list[str], oods: list[str]
             rows.setdefault(m, {})[str(o)] = res
     summary = {"config": asdict(cfg), "domains": names, "ood": oods, "results": rows,
                "mean_over_orders": {m: {k: float(np.mean([r[str(o)][k] for o in cfg.orders]))
-                                        for k in ("average_r1", "bwt", "forgetting", "fwt") if k in r[str(cfg.orders[0])]}
-                                    | {"ood_r1": float(np.mean([np.mean(list(r[str(o)]["ood_r1"].values()))
-                                                               for o in cfg.orders]))}
+                                        for k in ("average_r1", "bwt", "forgetting", "fwt")
+                                        if k in r[str(cfg.orders[0])]}
+                                    | ({"ood_r1": float(np.mean([np.mean(list(r[str(o)]["ood_r1"].values()))
+                                                                for o in cfg.orders]))} if oods else {})
                                     for m, r in rows.items()}}
     write_json(out / "results.json", summary)
     _heatmaps(out, summary)

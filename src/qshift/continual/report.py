@@ -16,7 +16,7 @@ def write_markdown(out: Path) -> Path:
              "| method | average R@1 (last step) | BWT | forgetting | FWT | OOD R@1 |", "|---|---:|---:|---:|---:|---:|"]
     for m, r in s["mean_over_orders"].items():
         lines.append(f"| {m} | {r['average_r1']:.2f} | {r['bwt']:+.2f} | {r['forgetting']:.2f} | "
-                     f"{r.get('fwt', float('nan')):+.2f} | {r['ood_r1']:.2f} |")
+                     f"{r.get('fwt', float('nan')):+.2f} | {r.get('ood_r1', float('nan')):.2f} |")
     lines += ["", "![matrix](matrix.png)", ""]
     for m, per in s["results"].items():
         first = per[next(iter(per))]

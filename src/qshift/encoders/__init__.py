@@ -10,6 +10,8 @@
 ``world:mini-clip``                    the shipped mini-CLIP trained on the world
 ``world:lit-minilm``                   the shipped LiT model (frozen MiniLM text)
 ``world:NAME@/path/model.safetensors`` a world model you trained yourself
+``dar:/path/state.pt``                 a continual learner's image tower (DAR, …) on
+                                       its base encoder (``qshift continual run``)
 =====================================  ==============================================
 
 Backends register themselves in ``BACKENDS``; third parties may add their own prefix
@@ -66,8 +68,14 @@ def _world(rest: str, **kw: Any) -> Encoder:
     return create_world_encoder(rest, **kw)
 
 
+def _dar(rest: str, **kw: Any) -> Encoder:
+    from qshift.continual.encoder import ContinualEncoder
+
+    return ContinualEncoder(rest, **kw)
+
+
 BACKENDS: dict[str, Callable[..., Encoder]] = {"openclip": _openclip, "hf": _hf, "onnx": _onnx, "st": _st,
-                                               "lit": _lit, "world": _world}
+                                               "lit": _lit, "world": _world, "dar": _dar}
 
 
 def register_backend(prefix: str, factory: Callable[..., Encoder]) -> None:
