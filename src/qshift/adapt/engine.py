@@ -212,7 +212,7 @@ class Adapter:
         self.device = torch.device(getattr(encoder, "device", "cpu"))
         self.gallery = F.normalize(torch.from_numpy(gallery), dim=-1).to(self.device)
         self.source_texts = list(source_texts) if source_texts is not None else None
-        self.stats = {"batches": 0, "resets": 0, "divergences": 0, "collapses": 0, "learning_share": 0.0,
+        self.stats = {"batches": 0, "queries": 0, "resets": 0, "divergences": 0, "collapses": 0, "learning_share": 0.0,
                       "temperature": cfg.temperature}
         self.batch_labels: list | None = None  # the batch's true positives: for the oracle only
         self._spread0: float | None = None
@@ -311,6 +311,7 @@ class Adapter:
                 self.reset()
                 q = q0
         self.stats["batches"] += 1
+        self.stats["queries"] += len(q)
         return q
 
     def _record_share(self, n: int) -> None:
@@ -372,7 +373,7 @@ class Adapter:
                 p.copy_(v.to(p.device))
         self.optimizer.load_state_dict(state["optimizer"])
         self.objective.load_state_dict(state["objective"])
-        self.stats = dict(state["stats"])
+        self.stats = {"queries": 0, **state["stats"]}
         self._spread0 = state["spread0"]
         self.generator.set_state(state["generator"])
 

@@ -26,6 +26,8 @@ class Metrics:
         self.cache_misses = Counter("qshift_refine_cache_misses_total", "Rewrites computed", registry=r)
         self.adapter_batches = Gauge("qshift_adapter_batches", "Batches each online adapter has learnt from",
                                      ["index", "pipeline"], registry=r)
+        self.adapter_queries = Gauge("qshift_adapter_queries", "Queries each online adapter has learnt from",
+                                     ["index", "pipeline"], registry=r)
         self.worker_batches = Gauge("qshift_worker_batches", "Batches the worker has run", registry=r)
         self._seen: dict[int, tuple[int, int]] = {}
 
@@ -56,4 +58,5 @@ class Metrics:
                 for stage in pipe.stages:
                     if stage.kind == "adapt" and stage.adapter is not None:
                         self.adapter_batches.labels(index, pipe.key).set(stage.adapter.stats["batches"])
+                        self.adapter_queries.labels(index, pipe.key).set(stage.adapter.stats["queries"])
         return generate_latest(self.registry).decode()
