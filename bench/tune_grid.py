@@ -1,0 +1,239 @@
+"""Write the validation grids (one protocol for every TTA method, issue 17; the repair
+settings of issue 16) as benchmark configs.
+
+    .venv/bin/python bench/tune_grid.py        # writes bench/configs/*-tune.yaml
+    .venv/bin/python bench/tune_grid.py picks  # writes bench/configs/*-tuned.yaml from the val runs
+    .venv/bin/python bench/tune_grid.py summary RUN...  # bench/results/tuning.md: every val row
+
+Every TTA method gets the same grid on the *val* split — τ = 2 or 4 × the encoder's
+trained temperature × lr ∈ {1e-3, 3e-3, 1e-2}, 3 steps, batches of 64 — and REST its
+component ablations at every setting. The best mean R@1 over the corruption types at
+severity 5 is each method's pick; the ``*-tuned.yaml`` configs run the picks once on the
+test split. The repair grid varies the spell corrector's channel weight and the fusion's
+confidence measure and drift guard.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+SCALES = (2, 4)
+LRS = (1e-3, 3e-3, 1e-2)
+METHODS = {  # label: adapt-stage options
+    "tent": {"method": "tent"}, "eata": {"method": "eata"}, "sar": {"method": "sar"}, "read": {"method": "read"},
+    "deyo": {"method": "deyo"}, "tcr": {"method": "tcr"}, "rest": {"method": "rest"},
+    "rest-no-consistency": {"method": "rest", "use_consistency": False},
+    "rest-no-decoupling": {"method": "rest", "decouple": False},
+    "epcl": {"method": "epcl"}, "rest+epcl": {"method": "rest", "epcl_weight": 1.0},
+}
+TESTBEDS = {
+    "tta-world-t2i-tune": dict(encoder="world:mini-clip", collection="world:val", direction="t2i",
+                               shifts=["text"], source="world:train", max_queries=500),
+    "tta-world-i2t-tune": dict(encoder="world:mini-clip", collection="world:val", direction="i2t",
+                               shifts=["image"], source="none", max_queries=500),
+    "tta-coco-t2t-tune": dict(encoder="st:all-MiniLM-L6-v2", collection="shared:coco-5k-dev/captions.txt",
+                              direction="t2t", shifts=["text"], min_similarity=0.9, query_items="0:500",
+                              source={"source": "shared:coco-5k-dev/captions.txt", "items": "500:"}),
+}
+VOCAB = {  # repair vocabularies: never the val/test queries
+    "world": "world:train",
+    "coco": {"source": "shared:coco-5k-dev/captions.txt", "items": "500:"},
+}
+
+
+def tta_methods() -> list:
+    out: list = ["zero-shot"]
+    for label, opts in METHODS.items():
+        for s in SCALES:
+            for lr in LRS:
+                out.append({"label": f"{label} τ{s}x lr{lr:g}",
+                            "pipeline": [{"adapt": {**opts, "temperature_scale": s, "lr": lr}}]})
+    return out
+
+
+def repair_methods(vocab: object) -> list:
+    spell = {"vocabulary": vocab}
+    out: list = ["zero-shot", {"label": "spell (replace)", "pipeline": [{"refine": {"spell": spell,
+                                                                                    "mode": "replace"}}]}]
+    for conf in ("top1", "margin"):
+        for min_cos in (0.0, 0.3, 0.5):
+            out.append({"label": f"spell + fusion {conf} min_cos {min_cos:g}",
+                        "pipeline": [{"refine": {"spell": spell, "confidence": conf, "min_cos": min_cos}}]})
+        for beta in (4, 16):  # sharper weights: the more confident version dominates
+            out.append({"label": f"spell + fusion {conf} beta {beta} min_cos 0",
+                        "pipeline": [{"refine": {"spell": spell, "confidence": conf, "beta": beta, "min_cos": 0.0}}]})
+    for cost in (1.5, 3.5):
+        out.append({"label": f"spell edit_cost {cost:g} + fusion top1",
+                    "pipeline": [{"refine": {"spell": {**spell, "edit_cost": cost}, "min_cos": 0.3}}]})
+    # which dictionary words count as typed on purpose (rarer ones compete with their neighbours)
+    for count in (1, 100_000):
+        for beta in (1, 4):
+            out.append({"label": f"spell known>={count:g} + fusion top1 beta {beta} min_cos 0",
+                        "pipeline": [{"refine": {"spell": {**spell, "min_english_count": count},
+                                                 "beta": beta, "min_cos": 0.0}}]})
+    return out
+
+
+class _NoAliases(yaml.SafeDumper):
+    def ignore_aliases(self, data: object) -> bool:  # write repeated settings out in full
+        return True
+
+
+def _dump(cfg: dict) -> str:
+    return yaml.dump(cfg, Dumper=_NoAliases, sort_keys=False, allow_unicode=True)
+
+
+def main() -> None:
+    header = "# written by bench/tune_grid.py — the same validation protocol for every method\n"
+    for name, bed in TESTBEDS.items():
+        cfg = {"name": name, **bed, "severities": [5], "batch_size": 64, "seeds": [0], "methods": tta_methods(),
+               "out": f"runs/bench/{name}"}
+        (CONFIGS / f"{name}.yaml").write_text(header + _dump(cfg))
+    for bed, vocab in VOCAB.items():
+        base = TESTBEDS["tta-world-t2i-tune" if bed == "world" else "tta-coco-t2t-tune"]
+        name = f"refine-{bed}-tune"
+        cfg = {"name": name, **{k: v for k, v in base.items() if k != "max_queries"}, "severities": [5],
+               "max_queries": 1000 if bed == "world" else None, "batch_size": 64, "seeds": [0],
+               "methods": repair_methods(vocab), "out": f"runs/bench/{name}"}
+        cfg = {k: v for k, v in cfg.items() if v is not None}
+        (CONFIGS / f"{name}.yaml").write_text(header + _dump(cfg))
+        print(CONFIGS / f"{name}.yaml")
+    for name in TESTBEDS:
+        print(CONFIGS / f"{name}.yaml")
+
+
+
+
+# -- picks: each method's best setting on val, run once on test -------------------------------
+def picks(run: Path) -> dict[str, dict]:
+    """{family: {"label", "stages", "mean"}}: the best mean R@1 per method family of a
+    tuning run (families: the label before " τ"; the repair grid is one family per label)."""
+    import json
+
+    import numpy as np
+
+    cells = [json.loads(line) for line in (run / "cells.jsonl").read_text().splitlines()]
+    by: dict[str, dict] = {}
+    stages: dict[str, list] = {}
+    for c in cells:
+        by.setdefault(c["method"], {})[c["shift"]] = c["metrics"]["R@1"]
+        if c["method_name"] == "pipeline":
+            stages[c["method"]] = c["params"]["pipeline"]
+    zs = by.pop("zero-shot")
+    out: dict[str, dict] = {}
+    for label, v in by.items():
+        if set(v) != set(zs):
+            continue
+        fam = label.split(" τ")[0]
+        mean = float(np.mean(list(v.values())))
+        if fam not in out or mean > out[fam]["mean"]:
+            out[fam] = {"label": label, "stages": stages[label], "mean": mean,
+                        "minus_zero_shot": mean - float(np.mean(list(zs.values())))}
+    return out
+
+
+TESTS = {  # tuned test configs: (tuning run, test settings)
+    "tta-world-t2i-tuned": ("tta-world-t2i-tune", dict(encoder="world:mini-clip", collection="world:test",
+                                                       direction="t2i", shifts=["clean", "text"], severities=[5],
+                                                       streams=["mixed", "source_share"], source="world:train")),
+    "tta-world-t2i-severities": ("tta-world-t2i-tune", dict(encoder="world:mini-clip", collection="world:test",
+                                                            direction="t2i", shifts=["text"],
+                                                            severities=[1, 2, 3, 4, 5], max_queries=1000,
+                                                            source="world:train")),
+    "tta-world-i2t-tuned": ("tta-world-i2t-tune", dict(encoder="world:mini-clip", collection="world:test",
+                                                       direction="i2t", shifts=["clean", "image"], severities=[5],
+                                                       streams=["mixed"], source="none")),
+    "tta-coco-t2t-tuned": ("tta-coco-t2t-tune", dict(encoder="st:all-MiniLM-L6-v2",
+                                                     collection="shared:coco-5k-test/captions.txt", direction="t2t",
+                                                     shifts=["clean", "text"], severities=[5], streams=["mixed"],
+                                                     min_similarity=0.9, max_queries=2000,
+                                                     source="shared:coco-5k-dev/captions.txt")),
+}
+FAMILIES = ("tent", "eata", "sar", "read", "deyo", "tcr", "rest", "epcl", "rest+epcl")
+
+
+def write_tuned(runs: Path = Path("runs/bench")) -> None:
+    header = ("# written by `bench/tune_grid.py picks` from the val tuning run {run}: every method with its\n"
+              "# own best setting there (mean R@1 over the corruption types at severity 5), once on test\n")
+    for name, (tune, settings) in TESTS.items():
+        if not (runs / tune / "cells.jsonl").is_file():
+            print(f"skip {name}: {runs / tune} has no results yet")
+            continue
+        best = picks(runs / tune)
+        methods: list = ["zero-shot"]
+        for fam in FAMILIES:
+            if fam in best:
+                stages = best[fam]["stages"]
+                if fam.startswith("rest"):  # as validated: with REST's two additions (its default is now off)
+                    stages = [{"adapt": {**stages[0]["adapt"], "use_consistency": True, "decouple": True}}]
+                methods.append({"label": f"{fam}-val-tuned", "pipeline": stages})
+        if "tcr" in best:  # the ceiling: TCR's parameters, steps and learning rate, trained on the true positives
+            adapt = dict(best["tcr"]["stages"][0]["adapt"])
+            adapt["method"] = "oracle"
+            methods.append({"label": "oracle (test labels: a ceiling)", "labels": True,
+                            "pipeline": [{"adapt": adapt}]})
+        cfg = {"name": name, **settings, "batch_size": 64, "seeds": [0], "methods": methods,
+               "out": f"runs/bench/{name}"}
+        (CONFIGS / f"{name}.yaml").write_text(header.format(run=runs / tune) + _dump(cfg))
+        print(CONFIGS / f"{name}.yaml", {f: round(best[f]["minus_zero_shot"], 2) for f in best})
+
+
+def summary(names: list[str], runs: Path = Path("runs/bench")) -> None:
+    """bench/results/tuning.{json,md}: every row of the val runs ``names`` — mean R@1 over the
+    corruption types at severity 5, its gain over zero-shot, the worst type's gain — with
+    each family's pick marked."""
+    import json
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import md_table, write_results
+
+    data, md = {}, ["# Validation runs (tune on val, report on test)", "",
+                    "Each row: one setting on the val split; mean R@1 over the corruption types at severity 5, "
+                    "its gain over zero-shot, and the gain on the type where it does worst. **bold**: the best "
+                    "setting of its family (the label before ` τ`), the one the `*-tuned.yaml` configs run on test.",
+                    ""]
+    for name in names:
+        run = runs / name
+        if not (run / "cells.jsonl").is_file():
+            continue
+        cells = [json.loads(line) for line in (run / "cells.jsonl").read_text().splitlines()]
+        by: dict[str, dict] = {}
+        for c in cells:
+            if c.get("severity") in (None, 5) and c["shift"] != "clean":
+                by.setdefault(c["method"], {})[c["shift"]] = c["metrics"]["R@1"]
+        zs = by["zero-shot"]
+        best = picks(run)
+        chosen = {v["label"] for v in best.values() if " τ" in v["label"]} or \
+            {max(best.values(), key=lambda v: v["mean"])["label"]}  # no families: the best row
+        rows = []
+        for label, v in by.items():
+            if set(v) != set(zs):
+                continue
+            gains = [v[t] - zs[t] for t in zs]
+            rows.append({"method": f"**{label}**" if label in chosen else label,
+                         "mean_R@1": float(np.mean(list(v.values()))), "gain": float(np.mean(gains)),
+                         "worst_type_gain": float(min(gains))})
+        cfg = json.loads((run / "config.json").read_text())
+        data[name] = rows
+        md += [f"## {name}", "", f"`qshift bench bench/configs/{name}.yaml` — {cfg.get('encoder')}, "
+               f"{cfg.get('collection')}, {cfg.get('direction')}, {cfg.get('max_queries') or 'all'} queries.", "",
+               md_table(rows, ["method", "mean_R@1", "gain", "worst_type_gain"],
+                        {"mean_R@1": ".2f", "gain": "+.2f", "worst_type_gain": "+.2f"}), ""]
+    write_results("tuning", data, "\n".join(md))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["picks"]:
+        write_tuned()
+    elif sys.argv[1:2] == ["summary"]:
+        summary(sys.argv[2:])
+    else:
+        main()
