@@ -276,3 +276,25 @@ def test_missing_gguf_names_the_package(monkeypatch, tmp_path):
         LocalLLM()
     with pytest.raises(EncoderSpecError, match="model file not found"):
         LocalLLM(tmp_path / "none.gguf")
+
+
+def test_fusion_survives_an_adapt_stage(tiny_clip):
+    """refine (fuse) + adapt: the adapter learns from the queries as typed, then the repaired
+    view is embedded by the adapted tower and fused — never dropped."""
+    enc = tiny_clip
+    g = enc.encode_text(VOCAB)
+    noisy = ["a mna ridng a hrose on teh bech", "two dgos playing with a frisbe in the park"]
+    refine = {"refine": {"spell": {"vocabulary": VOCAB}, "cache": False, "min_cos": -1.0}}
+    with Pipeline.from_config([refine], PipelineContext(enc, "t2t", gallery=g)) as pipe:
+        fused = pipe.score(noisy)
+    still = {"adapt": {"method": "tent", "lr": 1e-9, "temperature": 0.1}}  # Adam: steps of ~lr
+    with Pipeline.from_config([refine, still], PipelineContext(enc, "t2t", gallery=g)) as pipe:
+        assert np.allclose(pipe.score(noisy), fused, atol=1e-5)  # an adapter that does not move: the fusion alone
+    moving = {"adapt": {"method": "tent", "lr": 0.05, "temperature": 0.1}}
+    with Pipeline.from_config([moving], PipelineContext(enc, "t2t", gallery=g)) as pipe:
+        adapted_only = pipe.score(noisy)
+    with Pipeline.from_config([refine, moving], PipelineContext(enc, "t2t", gallery=g)) as pipe:
+        res = pipe.search(noisy, k=1)
+        both = pipe.score(noisy)
+    assert res[0].meta["refine"]["fusion_weight"] > 0
+    assert not np.allclose(both, adapted_only, atol=1e-4)

@@ -326,6 +326,12 @@ class Adapter:
         q0 = None if frozen is None else torch.from_numpy(np.ascontiguousarray(frozen, dtype=np.float32))
         return self.step(self.prepare(queries, index), q0).cpu().numpy().astype(np.float32)
 
+    def embed(self, queries: Sequence[Any]) -> np.ndarray:
+        """Embeddings of ``queries`` by the tower as adapted so far (no step taken)."""
+        with torch.no_grad():
+            q = self.forward(self.encoder.prepare(list(queries), self.modality))
+        return q.cpu().numpy().astype(np.float32)
+
     def reset(self) -> None:
         """Back to the frozen model: initial parameters, fresh optimizer, objective state."""
         self._live = None

@@ -58,6 +58,7 @@ class AdaptStage(Stage):
         self.adapter: Adapter | None = None
 
     def setup(self, ctx: Any) -> None:
+        self.ctx = ctx
         cfg = dataclasses.replace(self.cfg, batch_size=self.batch_size or ctx.batch_size,
                                   seed=self.options.get("seed", ctx.seed))
         objective = create_objective(self.name, self.objective_options)
@@ -79,6 +80,12 @@ class AdaptStage(Stage):
         self.adapter.resume()
         try:
             batch.embeddings = self.adapter.adapt(batch.queries, batch.embeddings, batch.index)
+            if batch.fuse is not None and batch.views:
+                # a refine stage fuses views (e.g. a repaired text): the adapter learnt from the
+                # queries as typed; the views are embedded by the adapted tower and fused again
+                for name, view in batch.views.items():
+                    batch.view_embeddings[name] = self.adapter.embed(view)
+                batch.fuse(batch, self.ctx)
         finally:
             if self.shared:  # other pipelines use this encoder too: give it back unadapted
                 self.adapter.suspend()
