@@ -38,6 +38,21 @@ def timeit(fn: Callable[[], Any], reps: int = 3, warmup: int = 1, min_time: floa
     return times[len(times) // 2]
 
 
+def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternating rounds so that drift
+    in the machine's load falls on all of them alike."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times: dict = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

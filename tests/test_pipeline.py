@@ -335,6 +335,9 @@ def test_cli_search_with_pipeline_and_state(image_collection, tmp_path):
     assert state["stages"]["1:adapt:tent"]["stats"]["batches"] == 2  # the session carried over
     r = run("search", tmp_path / "ix", "-e", enc, "-t", "x", "--adapt", "rest", "--state", tmp_path / "session.pt")
     assert r.exit_code == 2 and "written by another pipeline" in " ".join(r.output.split())
+    r = run("search", tmp_path / "ix", "-e", enc, "-t", "a rde circel", "--refine", "spell", "--json")
+    assert r.exit_code == 0, r.output
+    assert "refine:spell" in json.loads(r.stdout)[0]["timings"]
     r = run("search", tmp_path / "ix", "-e", enc, "-t", "x", "--method", "rset")
     assert r.exit_code == 2 and "did you mean 'rest'" in r.output
     r = run("search", tmp_path / "ix", "-e", enc, "-t", "x", "-i", image_collection / "images" / "red_circle_0.png",

@@ -111,7 +111,7 @@ def index(entry: Path = typer.Argument(..., help="A store entry directory (print
 
 
 def pipeline_entries(pipeline: Optional[Path], method: Optional[str], adapt: Optional[str],
-                     quari: Optional[Path], rerank: Optional[int]) -> list:
+                     quari: Optional[Path], rerank: Optional[int], refine: Optional[str] = None) -> list:
     """One stage list from ``--pipeline``, ``--method`` and the short stage flags (each flag
     adds its stage at its kind's place in refine → encode → adapt → transform → rank)."""
     from qshift.methods import method_stages
@@ -126,6 +126,8 @@ def pipeline_entries(pipeline: Optional[Path], method: Optional[str], adapt: Opt
         entries += data.get("stages", data.get("pipeline", [])) if isinstance(data, dict) else list(data or [])
     if method:
         entries += method_stages(method)
+    if refine:
+        entries.append({"refine": refine})
     if adapt:
         entries.append({"adapt": {"method": adapt}})
     if quari is not None:
@@ -154,6 +156,8 @@ def search(index_dir: Path = typer.Argument(..., help="Index directory (from `qs
                                                    "of stages; `qshift methods` lists the stages)."),
            method: Optional[str] = typer.Option(None, "--method", "-m", help="A named method (`qshift methods`), "
                                                 "e.g. `rest`; added to the pipeline."),
+           refine: Optional[str] = typer.Option(None, "--refine", help="Add a query-repair stage with its "
+                                                "defaults: spell, llm or openai."),
            adapt: Optional[str] = typer.Option(None, "--adapt", help="Add an online adapt stage (a TTA method)."),
            quari: Optional[Path] = typer.Option(None, "--quari", help="Add a QuARI transform (trained folder)."),
            rerank: Optional[int] = typer.Option(None, "--rerank", help="With --quari: re-rank the top N instead "
@@ -176,7 +180,7 @@ def search(index_dir: Path = typer.Argument(..., help="Index directory (from `qs
 
     if not text and not image:
         raise InputError("give at least one query: --text '...' or --image PATH")
-    entries = pipeline_entries(pipeline, method, adapt, quari, rerank)
+    entries = pipeline_entries(pipeline, method, adapt, quari, rerank, refine)
     idx = load_index(index_dir)
     enc = create_encoder(encoder)
     idx.check_fingerprint(enc.fingerprint())
@@ -434,7 +438,7 @@ def serve(galleries: list[str] = typer.Argument(..., help="What to serve, each `
                         None if store is None else str(store), progress=True)
     application = create_app(cfg)
     out.print(f"qshift serving {', '.join(named)} on http://{host}:{port}/ (API docs: /docs)")
-    uvicorn.run(application, host=host, port=port, log_level="warning")
+    uvicorn.run(application, host=host, port=port, log_level="warning", access_log=False)
 
 
 @app.command("report")
