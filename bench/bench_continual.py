@@ -1,6 +1,7 @@
 """Continual multi-domain retrieval (issue 18): the protocol's table, plus DAR's costs.
 
     .venv/bin/python bench/bench_continual.py [--config bench/configs/continual-world.yaml]
+    .venv/bin/python bench/bench_continual.py --prepare --config bench/configs/continual-world-corrupt.yaml
 
 Runs (or resumes) the config with ``qshift.continual.run_continual`` and writes
 bench/results/continual.{json,md} (+ the matrix PNG): average R@1 after the last domain,
@@ -58,10 +59,47 @@ def routing_costs(cfg, out: Path) -> dict:  # noqa: ANN001 - a ContinualConfig
             "adapter_mb_per_domain": per * 4 / 2**20, "tower_parameters": tower, "domains": len(cfg.domains)}
 
 
+CORRUPT = ("fog", "snow", "frost", "contrast", "gaussian_noise")
+
+
+def prepare(folder: Path = Path("runs/continual-data"), train: int = 2000, severity: int = 3) -> None:
+    """The corruption domains of continual-world-corrupt.yaml: the first ``train`` world
+    train images and the world test images (absolute paths), each corrupted with
+    ``qshift corrupt`` (seeded; resumable)."""
+    import csv
+    import subprocess
+
+    from qshift.world import world_collection
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", train), ("test", None)):
+        src = Path(world_collection(split))
+        rows = list(csv.reader(src.open()))
+        keep: dict[str, None] = {}
+        out = []
+        for img, cap in rows[1:]:
+            if img not in keep and n is not None and len(keep) == n:
+                break
+            keep.setdefault(img, None)
+            out.append([str((src.parent / img).resolve()), cap])
+        dst = folder / f"{split}{n or len(keep)}.csv"
+        with dst.open("w", newline="") as fh:
+            csv.writer(fh).writerows([rows[0], *out])
+        for c in (*CORRUPT, "motion_blur"):
+            if split == "train" and c == "motion_blur":
+                continue  # the OOD corruption is never trained on
+            subprocess.run([str(Path(sys.executable).with_name("qshift")), "corrupt", str(dst), "-c", c,
+                            "--severity", str(severity), "--json"], check=True, capture_output=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="bench/configs/continual-world.yaml")
+    ap.add_argument("--prepare", action="store_true", help="write the corruption domains first "
+                    "(continual-world-corrupt.yaml)")
     args = ap.parse_args()
+    if args.prepare:
+        prepare()
     from qshift.continual.protocol import ContinualConfig, run_continual
     from qshift.continual.report import write_markdown
     from qshift.io import read_json

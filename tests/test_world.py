@@ -222,3 +222,19 @@ def test_shipped_world_models_load_and_retrieve(name, dim):
     img, txt = enc.encode_images(images), enc.encode_text(texts)
     assert img.shape == txt.shape == (8, dim)
     assert ((txt @ img.T).argmax(1) == np.arange(8)).mean() >= 0.5  # trained: well above chance (1/8)
+
+
+def test_world_texts_come_from_the_scene_files_without_rendering(tmp_path, monkeypatch):
+    from qshift.data.texts import spec_texts
+    from qshift.world.generate import WorldConfig, generate_world
+
+    monkeypatch.setenv("QSHIFT_CACHE", str(tmp_path))
+    generate_world(tmp_path / "world", WorldConfig(n_train=30, n_val=0, n_test=10), splits=["test"])
+    texts = spec_texts("world:train")
+    assert len(texts) == 30 * 5 and all(isinstance(t, str) and t for t in texts)
+    assert not (tmp_path / "world" / "images" / "flat" / "train").exists()  # nothing rendered for texts
+    flat = spec_texts("world:train-flat")
+    assert 0 < len(flat) < len(texts) and set(flat) <= set(texts)
+    from qshift.benchmark import resolve_collection
+
+    assert spec_texts("world:test") == [t for c in resolve_collection("world:test")[1].captions for t in c]

@@ -29,10 +29,14 @@ def spec_texts(spec: Any, what: str = "vocabulary") -> list[str]:
         items, captions, spec = spec.get("items"), spec.get("captions"), spec["source"]
     if not isinstance(spec, str):
         raise InputError(f"{what}: expected texts, a collection or a mapping, got {spec!r}")
-    from qshift.benchmark import resolve_collection
+    if spec.startswith("world:") and spec.split(":", 1)[1].partition("-")[0] in ("train", "val", "test"):
+        from qshift.world import world_captions  # the scene files: no images rendered for texts
 
-    _, coll = resolve_collection(spec)
-    caps = coll.captions
+        caps = world_captions(spec.split(":", 1)[1])
+    else:
+        from qshift.benchmark import resolve_collection
+
+        caps = resolve_collection(spec)[1].captions
     if items is not None:
         try:
             start, _, stop = str(items).partition(":")

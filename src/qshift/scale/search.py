@@ -37,8 +37,13 @@ class ShardActor:
         self.index.add(vectors)
         _ = getattr(self.index, "gallery", None)  # consolidate an exact index now
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.index.search(queries, min(k, len(self.index)))
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """This shard's top-k, and the seconds its own search took (the rest is fan-out)."""
+        import time
+
+        t0 = time.perf_counter()
+        s, lab = self.index.search(queries, min(k, len(self.index)))
+        return s, lab, time.perf_counter() - t0
 
     def size(self) -> int:
         return len(self.index)
@@ -123,9 +128,13 @@ class ShardedIndex:
             raise InputError("the sharded index is closed (or was never built): add() the gallery first")
         q = as_queries(queries, self.dim)
         k = _check_k(k, len(self))
-        parts = self._get([a.search.remote(q, k) for a in self.actors])
-        scores = np.concatenate([s for s, _ in parts], axis=1)
-        labels = np.concatenate([np.where(lab >= 0, lab + off, -1) for (_, lab), off in zip(parts, self.offsets)],
+        import ray
+
+        ref = ray.put(q) if len(self.actors) > 1 else q  # one copy in the object store, not one per shard
+        parts = self._get([a.search.remote(ref, k) for a in self.actors])
+        self.last_shard_seconds = max(t for _, _, t in parts)  # the slowest shard's own search
+        scores = np.concatenate([s for s, _, _ in parts], axis=1)
+        labels = np.concatenate([np.where(lab >= 0, lab + off, -1) for (_, lab, _), off in zip(parts, self.offsets)],
                                 axis=1)
         scores = np.where(labels >= 0, scores, -np.inf).astype(np.float32)
         s, lab = sort_hits(scores, labels)

@@ -33,3 +33,23 @@ def world_collection(name: str, root: Path | None = None, progress: bool = False
     if needs:
         world = generate_world(root, splits=[split], workers=2, progress=progress)
     return world.collection(split, style or None)
+
+
+def world_captions(name: str, root: Path | None = None) -> list[list[str]]:
+    """The captions of ``SPLIT`` or ``SPLIT-STYLE`` of the default world, per scene, in the
+    order of :func:`world_collection` — from the scene files alone, so texts (a repair
+    vocabulary, adaptation anchors) never wait for images to be rendered."""
+    from qshift.world.generate import World, WorldConfig, _save_manifest, _write_scenes, open_world
+
+    split, _, style = name.partition("-")
+    if split not in ("train", "val", "test"):
+        raise InputError(f"world:{name}: expected SPLIT or SPLIT-STYLE with SPLIT in train, val, test")
+    root = root or default_world_dir()
+    if (root / "world.json").is_file():
+        world = open_world(root)
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        world = World(root, WorldConfig())
+        _save_manifest(world)
+    _write_scenes(world, split)
+    return [list(d["captions"]) for d in world.scenes(split) if not style or split != "train" or d["style"] == style]
