@@ -232,7 +232,7 @@ def test_tcr_three_terms(setup):
 
 def test_rest_consistency_and_source_loss(setup):
     enc, g, qs = setup
-    a = create_adapter(enc, g, "t2i", "rest", temperature=0.1, source_batch=4)
+    a = create_adapter(enc, g, "t2i", "rest", temperature=0.1, source_batch=4, use_consistency=True, decouple=True)
     obj = a.objective
     rng = np.random.default_rng(6)
     batch, pred = _pred(a, qs)

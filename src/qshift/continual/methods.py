@@ -83,6 +83,9 @@ class Learner:
         if self.tower is None:
             raise InputError(f"{encoder.spec}: no torch image tower to adapt")
         self.tau = encoder.temperature() or 0.05
+        # what close() puts back: values, requires_grad flags and train/eval mode
+        self._flags = [p.requires_grad for p in self.tower.parameters()]
+        self._training = [m.training for m in self.tower.modules()]
         self.tower.eval()
         for p in self.tower.parameters():
             p.requires_grad_(False)
@@ -175,7 +178,12 @@ class Learner:
         self.load_extra_state(state["extra"])
 
     def close(self) -> None:
+        """Give the encoder back exactly as it came: weights, requires_grad flags, modes."""
         self.tower.load_state_dict(self.initial)
+        for p, flag in zip(self.tower.parameters(), self._flags):
+            p.requires_grad_(flag)
+        for m, mode in zip(self.tower.modules(), self._training):
+            m.train(mode)
 
 
 class ZeroShot(Learner):
