@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved, md_table, previous_results, timeit, write_results  # noqa: E402
+from common import md_table, previous_results, timeit, write_results  # noqa: E402
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -74,6 +74,18 @@ def adapter_queries(client, url: str) -> float:  # noqa: ANN001
     return sum(float(m) for m in re.findall(r"^qshift_adapter_queries\{[^}]*\} ([0-9.e+]+)$", text, re.M))
 
 
+async def _post(c, url: str, q: str, payload: dict, since: float, lat: list, status: dict) -> None:  # noqa: ANN001
+    """One search request; its latency from ``since`` and its status (−1: no answer)."""
+    import httpx
+
+    try:
+        code = (await c.post(f"{url}/search", json={"text": q, "k": 10, **payload})).status_code
+    except httpx.HTTPError:
+        code = -1
+    lat.append(time.perf_counter() - since)
+    status[code] = status.get(code, 0) + 1
+
+
 async def load(url: str, payload: dict, queries: list[str], clients: int, seconds: float) -> dict:
     import httpx
 
@@ -85,14 +97,7 @@ async def load(url: str, payload: dict, queries: list[str], clients: int, second
     async def client(c: httpx.AsyncClient) -> None:
         while time.perf_counter() < deadline:
             q = queries[next(counter) % len(queries)]
-            t0 = time.perf_counter()
-            try:
-                r = await c.post(f"{url}/search", json={"text": q, "k": 10, **payload})
-                code = r.status_code
-            except httpx.HTTPError:
-                code = -1
-            lat.append(time.perf_counter() - t0)
-            status[code] = status.get(code, 0) + 1
+            await _post(c, url, q, payload, time.perf_counter(), lat, status)
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(limits=limits, timeout=30) as c:
@@ -115,13 +120,7 @@ async def paced(url: str, payload: dict, queries: list[str], rate: float, second
     status: dict[int, int] = {}
 
     async def one(c: httpx.AsyncClient, q: str, due: float) -> None:
-        try:
-            r = await c.post(f"{url}/search", json={"text": q, "k": 10, **payload})
-            code = r.status_code
-        except httpx.HTTPError:
-            code = -1
-        lat.append(time.perf_counter() - due)
-        status[code] = status.get(code, 0) + 1
+        await _post(c, url, q, payload, due, lat, status)
 
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     async with httpx.AsyncClient(limits=limits, timeout=30) as c:
