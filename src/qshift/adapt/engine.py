@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from qshift.directions import check_direction, query_modality
 from qshift.errors import InputError, StoreMismatchError
-from qshift.adapt.params import select_params
+from qshift.adapt.params import TowerFlags, select_params
 from qshift.registry import Registry
 
 CANDIDATES = ("auto", "batch-nn", "topk", "gallery")
@@ -205,8 +205,7 @@ class Adapter:
         self.modality = query_modality(direction)
         self.tower = encoder.tower(self.modality)
         if self.tower is not None:  # what close() must give back exactly
-            self._flags = {n: p.requires_grad for n, p in self.tower.named_parameters()}
-            self._training = {n: m.training for n, m in self.tower.named_modules()}
+            self._flags = TowerFlags(self.tower)
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.device = torch.device(getattr(encoder, "device", "cpu"))
@@ -393,12 +392,10 @@ class Adapter:
             from qshift.adapt.params import remove_lora
 
             remove_lora(self.tower)
-        for n, p in self.tower.named_parameters():
-            p.requires_grad_(self._flags.get(n, p.requires_grad))
+        self._flags.restore_flags(self.tower)
         if self._norms is not None:
             self._norms.restore()
-        for n, m in self.tower.named_modules():
-            m.training = self._training.get(n, m.training)
+        self._flags.restore_modes(self.tower)
 
 
 class NormStats:

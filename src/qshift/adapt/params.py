@@ -26,6 +26,23 @@ MODES = ("norm", "last-k", "lora")
 _ATTN_LINEAR = re.compile(r"(attn\.out_proj|attention\.self\.(query|key|value)|attention\.output\.dense)$")
 
 
+class TowerFlags:
+    """A tower's ``requires_grad`` flags and train/eval modes, by name, to put back exactly
+    (modules or parameters added since, e.g. LoRA's, are left as they are)."""
+
+    def __init__(self, tower: nn.Module) -> None:
+        self.flags = {n: p.requires_grad for n, p in tower.named_parameters()}
+        self.modes = {n: m.training for n, m in tower.named_modules()}
+
+    def restore_flags(self, tower: nn.Module) -> None:
+        for n, p in tower.named_parameters():
+            p.requires_grad_(self.flags.get(n, p.requires_grad))
+
+    def restore_modes(self, tower: nn.Module) -> None:
+        for n, m in tower.named_modules():
+            m.training = self.modes.get(n, m.training)
+
+
 class LoRA(nn.Module):
     """W ↦ W + (alpha / r) · B A, with A ~ N(0, 1/r) and B = 0 at the start."""
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from qshift.adapt.params import TowerFlags
 from qshift.errors import InputError
 
 
@@ -83,9 +84,7 @@ class Learner:
         if self.tower is None:
             raise InputError(f"{encoder.spec}: no torch image tower to adapt")
         self.tau = encoder.temperature() or 0.05
-        # what close() puts back: values, requires_grad flags and train/eval mode
-        self._flags = [p.requires_grad for p in self.tower.parameters()]
-        self._training = [m.training for m in self.tower.modules()]
+        self._flags = TowerFlags(self.tower)  # close() puts back values, flags and modes
         self.tower.eval()
         for p in self.tower.parameters():
             p.requires_grad_(False)
@@ -180,10 +179,8 @@ class Learner:
     def close(self) -> None:
         """Give the encoder back exactly as it came: weights, requires_grad flags, modes."""
         self.tower.load_state_dict(self.initial)
-        for p, flag in zip(self.tower.parameters(), self._flags):
-            p.requires_grad_(flag)
-        for m, mode in zip(self.tower.modules(), self._training):
-            m.train(mode)
+        self._flags.restore_flags(self.tower)
+        self._flags.restore_modes(self.tower)
 
 
 class ZeroShot(Learner):
