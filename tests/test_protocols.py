@@ -99,14 +99,10 @@ def test_bad_specs_and_builds(tmp_path):
         build_ilias(tmp_path, "test", 10, instances=5)
 
 
-def test_the_benchmark_runner_takes_i2i(sets, tmp_path, monkeypatch):
+def _stage_cache(root, tmp_path, monkeypatch) -> None:
+    """Make world-ilias:test-150 resolve in $QSHIFT_CACHE/world-protocols to the small build."""
     import shutil
 
-    from qshift.benchmark import BenchConfig, run_benchmark
-    from qshift.store import EmbeddingStore
-
-    root, ilias, _ = sets
-    # the runner resolves world-ilias:test-150 in $QSHIFT_CACHE/world-protocols (here: the small build)
     cache = tmp_path / "cache" / "world-protocols"
     shutil.copytree(root, cache)
     for f in cache.glob("ilias-test-150-i20*"):
@@ -115,6 +111,32 @@ def test_the_benchmark_runner_takes_i2i(sets, tmp_path, monkeypatch):
     csv = (cache / "ilias-test-150.csv").read_text().replace("ilias-test-150-i20/", "ilias-test-150/")
     (cache / "ilias-test-150.csv").write_text(csv)
     monkeypatch.setenv("QSHIFT_CACHE", str(tmp_path / "cache"))
+
+
+def test_quari_cli_trains_on_a_protocol_set(sets, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from qshift.cli import app
+
+    root, _, _ = sets
+    _stage_cache(root, tmp_path, monkeypatch)
+    small = ["-e", "openclip:qshift-tiny-vit", "--epochs", "1", "--rank", "4", "--hidden", "16", "--layers", "1",
+             "--heads", "2", "--steps", "1", "--batch-size", "8", "--val-fraction", "0", "--store", str(tmp_path / "st")]
+    res = CliRunner().invoke(app, ["quari", "train", "world-ilias:test-150", "--direction", "i2i",
+                                   "-o", str(tmp_path / "q"), *small, "--json"])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.stdout)["log"]) == 1 and (tmp_path / "q" / "model.safetensors").is_file()
+    res = CliRunner().invoke(app, ["quari", "train", "world-ilias:test-150", "--direction", "t2i",
+                                   "-o", str(tmp_path / "q2"), *small])
+    assert res.exit_code != 0 and "trains i2i, not t2i" in res.output
+
+
+def test_the_benchmark_runner_takes_i2i(sets, tmp_path, monkeypatch):
+    from qshift.benchmark import BenchConfig, run_benchmark
+    from qshift.store import EmbeddingStore
+
+    root, ilias, _ = sets
+    _stage_cache(root, tmp_path, monkeypatch)
     cfg = BenchConfig(name="ilias", encoder="openclip:qshift-tiny-vit", collection="world-ilias:test-150",
                       direction="i2i", shifts=["clean", "gaussian_noise"], severities=[3], k_map=100,
                       methods=["zero-shot", {"name": "tent", "steps": 1}])
@@ -122,3 +144,45 @@ def test_the_benchmark_runner_takes_i2i(sets, tmp_path, monkeypatch):
     cells = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
     assert {c["method"] for c in cells} == {"zero-shot", "tent"} and all("mAP@100" in c["metrics"] for c in cells)
     assert all(c["queries"] == 20 and c["gallery"] == 150 for c in cells)
+
+
+def test_quari_training_pairs_of_both_protocols(sets, tiny_clip, tmp_path):
+    """ILIAS: each rendering is a target whose queries are its instance's other renderings
+    (grouped by instance, near-duplicates left out); INQUIRE: one target per (query,
+    relevant image), capped and grouped by query; both train QuARI."""
+    from qshift.data.collection import load_collection
+    from qshift.quari import QuARIConfig, QuARITrainConfig, train_quari
+    from qshift.quari.data import pairs_and_groups, protocol_pairs
+    from qshift.store import EmbeddingStore
+
+    _, ilias, inquire = sets
+    store = EmbeddingStore(tmp_path / "st")
+    coll = load_collection(ilias)
+    coll.meta["protocol"] = p = _protocol(ilias)
+    q, t, tof, groups = protocol_pairs(coll, tiny_clip, store, progress=False)
+    image = store.encode(tiny_clip, coll, "image", progress=False).vectors
+    inst = np.array(p["instance"])
+    assert len(t) == 20 * 4 and len(q) == 20 * 4 * 3 and np.bincount(groups).tolist() == [4] * 20
+    rows = {tuple(np.round(v, 5)): i for i, v in enumerate(image)}
+    for qi in range(0, len(q), 7):
+        a, b = rows[tuple(np.round(q[qi], 5))], rows[tuple(np.round(t[tof[qi]], 5))]
+        assert a != b and inst[a] == inst[b] == groups[tof[qi]] >= 0   # another rendering of the same instance
+    with pytest.raises(InputError, match="trains i2i, not t2i"):
+        pairs_and_groups(coll, tiny_clip, "t2i", store, progress=False)
+    qcoll = load_collection(inquire)
+    qcoll.meta["protocol"] = pq = _protocol(inquire)
+    q2, t2, tof2, g2 = protocol_pairs(qcoll, tiny_clip, store, max_positives=4, progress=False)
+    counts = [min(4, len(x["positives"])) for x in pq["queries"]]
+    assert np.bincount(g2).tolist() == counts and (tof2 == np.arange(len(q2))).all()
+    gimg = store.encode(tiny_clip, qcoll, "image", progress=False).vectors
+    grow = {tuple(np.round(v, 5)): i for i, v in enumerate(gimg)}
+    for j in range(0, len(t2), 5):                                          # every target is a relevant image
+        assert grow[tuple(np.round(t2[j], 5))] in pq["queries"][g2[j]]["positives"]
+    res = train_quari(q, t, tof, QuARIConfig(dim=q.shape[1], rank=4, hidden=16, layers=1, heads=2, steps=1),
+                      QuARITrainConfig(epochs=2, batch_size=8, val_fraction=0.0), tmp_path / "run",
+                      progress=False, groups=groups)
+    assert len(res["log"]) == 2 and np.isfinite(res["log"][-1]["loss"])
+    bad = load_collection(ilias)
+    bad.meta["protocol"] = {**p, "seed": 3}
+    with pytest.raises(InputError, match="other renderings"):
+        protocol_pairs(bad, tiny_clip, store, progress=False)

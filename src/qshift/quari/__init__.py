@@ -21,7 +21,8 @@ _WHERE = {
     "quari_scores": "search", "quari_rerank": "search", "quari_search": "search", "save_ta": "search",
     "load_ta": "search", "QuARIStage": "stage", "TAStage": "stage",
     "lowrank_scores": "scoring", "materialized_scores": "scoring",
-    "training_pairs": "data", "target_groups": "data",
+    "training_pairs": "data", "target_groups": "data", "pairs_and_groups": "data",
+    "protocol_pairs": "data",
 }
 __all__ = sorted(_WHERE)
 

@@ -12,18 +12,19 @@ from qshift.clikit import (CaptionsPerItemOpt, EncoderOpt, FormatOpt, JsonOpt, L
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="QuARI: query-adaptive low-rank transforms (train, TA baseline).")
-DirectionOpt = typer.Option("t2i", help="t2i (caption → image) or t2t (caption → other captions' mean).")
+DirectionOpt = typer.Option("t2i", help="t2i (caption → image) or t2t (caption → other captions' mean); "
+                            "i2i for a world-ilias set (rendering → the instance's other renderings).")
 
 
 def _pairs(collection: Path, encoder: str, direction: str, store: Optional[Path], fmt: str,
            limit: Optional[int], captions_per_item: int, progress: bool):
     from qshift.encoders import create_encoder
-    from qshift.quari.data import target_groups, training_pairs
+    from qshift.quari.data import pairs_and_groups
 
     coll = _collection(collection, fmt, limit, captions_per_item, None, "train")
     enc = create_encoder(encoder)
-    pairs = training_pairs(coll, enc, direction, _store(store), progress=progress)
-    return enc, pairs, target_groups(coll, direction)
+    *pairs, groups = pairs_and_groups(coll, enc, direction, _store(store), progress=progress)
+    return enc, tuple(pairs), groups
 
 
 @app.command()

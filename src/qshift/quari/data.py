@@ -5,6 +5,14 @@
   :mod:`qshift.retrieval`): caption j of an item is a query and its target is the
   normalised mean of the item's other captions — one target per (item, j), so every
   caption trains and no target contains its own query.
+* World-ILIAS (``i2i``, :func:`protocol_pairs`): every rendering of an instance is a
+  target, and each of the instance's other renderings a query for it; targets are
+  grouped by instance (one rendering per instance in a batch). The near-duplicate
+  distractors are not used for training (reconstruction: the paper trains on generic
+  image–text pairs, not on ILIAS itself; here the train split stands in for that data).
+* World-INQUIRE (``t2i``): a query with many relevant images gives one target per
+  (query, relevant image), at most ``max_positives`` of them (sampled, seeded), grouped by
+  query, so a batch holds each query once with one of its relevant images.
 """
 
 from __future__ import annotations
@@ -23,6 +31,9 @@ DIRECTIONS = ("t2i", "t2t")
 def training_pairs(collection: Collection, encoder: Encoder, direction: str, store: EmbeddingStore,
                    progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(queries Q × E, targets T × E, target_of Q) from the store (encoding what is missing)."""
+    if "protocol" in collection.meta:
+        raise InputError(f"{collection.name}: a world-ilias / world-inquire set trains from its protocol; use "
+                         "protocol_pairs")
     if direction not in DIRECTIONS:
         raise InputError(f"quari: direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
     text = store.encode(encoder, collection, TEXT, progress=progress)
@@ -47,3 +58,67 @@ def target_groups(collection: Collection, direction: str) -> np.ndarray | None:
     if direction not in DIRECTIONS:
         raise InputError(f"quari: direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
     return collection.caption_item() if direction == "t2t" else None
+
+
+def pairs_and_groups(collection: Collection, encoder: Encoder, direction: str, store: EmbeddingStore,
+                     progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(queries, targets, target_of, groups) of any training collection: a protocol set's
+    pairs (its own direction), or a caption collection's ``direction`` pairs."""
+    if "protocol" in collection.meta:
+        expected = {"ilias": "i2i", "inquire": "t2i"}.get(collection.meta["protocol"].get("kind"))
+        if direction != expected:
+            raise InputError(f"{collection.name}: a world-{collection.meta['protocol'].get('kind')} set trains "
+                             f"{expected}, not {direction}")
+        return protocol_pairs(collection, encoder, store, progress=progress)
+    return (*training_pairs(collection, encoder, direction, store, progress), target_groups(collection, direction))
+
+
+def protocol_pairs(collection: Collection, encoder: Encoder, store: EmbeddingStore, *, max_positives: int = 64,
+                   seed: int = 0, progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(queries, targets, target_of, groups) of a World-ILIAS or World-INQUIRE training set
+    (a collection with ``meta['protocol']``, see :mod:`qshift.world.protocols`)."""
+    from qshift.world.protocols import images_hash
+
+    p = collection.meta.get("protocol")
+    if not p or p.get("kind") not in ("ilias", "inquire"):
+        raise InputError(f"{collection.name}: not a world-ilias / world-inquire collection")
+    if collection.image_paths is None or p.get("images") != images_hash([str(x) for x in collection.image_paths],
+                                                                        p.get("seed", 0)):
+        raise InputError(f"{collection.source}: its protocol file was written for other renderings; rebuild it")
+    if max_positives < 1:
+        raise InputError(f"quari: max_positives must be >= 1, got {max_positives}")
+    image = store.encode(encoder, collection, IMAGE, progress=progress)
+    if p["kind"] == "ilias":
+        inst = np.asarray(p["instance"])
+        rows = np.flatnonzero(inst >= 0)
+        rows = rows[np.argsort(inst[rows], kind="stable")]
+        counts = np.bincount(inst[rows])
+        if (counts[counts > 0] < 2).any():
+            raise InputError(f"{collection.source}: an instance has a single rendering (no positive)")
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        q_rows, target_of = [], []
+        for t, r in enumerate(rows):                                  # target t = rendering r
+            k = inst[r]
+            same = rows[starts[k]:starts[k] + counts[k]]
+            q_rows.extend(same[same != r])
+            target_of.extend([t] * (len(same) - 1))
+        return (image.vectors[np.asarray(q_rows)], image.vectors[rows], np.asarray(target_of, dtype=np.int64),
+                inst[rows].astype(np.int64))
+    queries = p["queries"]
+    if not queries or any(not q["positives"] for q in queries):
+        raise InputError(f"{collection.source}: every query needs at least one relevant image")
+    qcoll = Collection(f"{collection.name}-queries", [f"q{i}" for i in range(len(queries))],
+                       [[q["text"]] for q in queries])
+    text = store.encode(encoder, qcoll, TEXT, progress=progress)
+    rng = np.random.default_rng(seed)
+    tgt_rows, target_of, groups = [], [], []
+    for i, q in enumerate(queries):
+        pos = np.asarray(q["positives"], dtype=np.int64)
+        if len(pos) > max_positives:
+            pos = np.sort(rng.choice(pos, max_positives, replace=False))
+        tgt_rows.extend(pos)
+        groups.extend([i] * len(pos))
+    groups = np.asarray(groups, dtype=np.int64)
+    # one query row per target (the same text vector repeated), so target_of is the identity
+    return (text.vectors[groups], image.vectors[np.asarray(tgt_rows)], np.arange(len(groups), dtype=np.int64),
+            groups)
