@@ -15,6 +15,7 @@ the frozen one.
 from __future__ import annotations
 
 import argparse
+import io
 import shutil
 import sys
 from pathlib import Path
@@ -35,7 +36,9 @@ def routing_costs(cfg, out: Path) -> dict:  # noqa: ANN001 - a ContinualConfig
     from qshift.store import EmbeddingStore
 
     enc = create_encoder(cfg.encoder)
-    dar = DAR(enc, TrainSettings(**cfg.settings))
+    # the settings of the config's (first) DAR entry: its adapter kind sets the size and cost
+    over = next((cfg.method_entry(m)[2] for m in cfg.methods if cfg.method_entry(m)[1] == "dar"), {})
+    dar = DAR(enc, TrainSettings(**{**cfg.settings, **over}))
     data = DomainSet(cfg, enc, EmbeddingStore(cache_dir() / "store"))
     for spec in cfg.domains:
         d = data.training(spec)
@@ -62,10 +65,13 @@ def routing_costs(cfg, out: Path) -> dict:  # noqa: ANN001 - a ContinualConfig
 CORRUPT = ("fog", "snow", "frost", "contrast", "gaussian_noise")
 
 
-def prepare(folder: Path = Path("runs/continual-data"), train: int = 2000, severity: int = 3) -> None:
+def prepare(folder: Path = Path("runs/continual-data"), train: int = 2000, severity: int = 3,
+            val: int = 500) -> None:
     """The corruption domains of continual-world-corrupt.yaml: the first ``train`` world
     train images and the world test images (absolute paths), each corrupted with
-    ``qshift corrupt`` (seeded; resumable)."""
+    ``qshift corrupt`` (seeded; resumable). For validation (continual-world-corrupt-val.yaml)
+    each corrupted training set is also split by image: the first ``train - val`` images
+    (fit{N}.*.csv) and the last ``val`` (val{M}.*.csv); the test images are not used."""
     import csv
     import subprocess
 
@@ -90,6 +96,25 @@ def prepare(folder: Path = Path("runs/continual-data"), train: int = 2000, sever
                 continue  # the OOD corruption is never trained on
             subprocess.run([str(Path(sys.executable).with_name("qshift")), "corrupt", str(dst), "-c", c,
                             "--severity", str(severity), "--json"], check=True, capture_output=True)
+            if split == "train":
+                _split_by_image(folder / f"{dst.stem}.{c}-s{severity}-seed0.csv", train - val, val)
+
+
+def _split_by_image(src: Path, n_fit: int, n_val: int) -> None:
+    """fit{n_fit}.* and val{n_val}.* beside ``src`` (train{N}.*): its rows by image, in order."""
+    import csv
+
+    from qshift.io import write_text
+
+    rows = list(csv.reader(src.open()))
+    order: dict[str, int] = {}
+    for img, _ in rows[1:]:
+        order.setdefault(img, len(order))
+    tail = src.name.split(".", 1)[1]
+    for name, keep in ((f"fit{n_fit}.{tail}", lambda i: i < n_fit), (f"val{n_val}.{tail}", lambda i: i >= n_fit)):
+        buf = io.StringIO()
+        csv.writer(buf).writerows([rows[0], *[r for r in rows[1:] if keep(order[r[0]])]])
+        write_text(src.with_name(name), buf.getvalue())
 
 
 def main() -> None:

@@ -17,7 +17,8 @@ from qshift.errors import InputError, StoreMismatchError
 warnings.filterwarnings("ignore", message=".*has no checkpoint.*")
 
 
-def test_adding_a_domain_leaves_earlier_adapters_bit_identical(tiny_clip):
+@pytest.mark.parametrize("kind", ["bottleneck", "norm"])
+def test_adding_a_domain_leaves_earlier_adapters_bit_identical(tiny_clip, kind):
     from qshift.continual.methods import DAR, Domain, TrainSettings
 
     torch.manual_seed(0)
@@ -26,8 +27,14 @@ def test_adding_a_domain_leaves_earlier_adapters_bit_identical(tiny_clip):
     flags, modes = [p.requires_grad for p in tower.parameters()], [m.training for m in tower.modules()]
     pix = tiny_clip.prepare([np.full((32, 32, 3), c, np.uint8) for c in range(0, 250, 10)], "image")
     caps = torch.nn.functional.normalize(torch.randn(len(pix), tiny_clip.dim), dim=-1)
-    dar = DAR(tiny_clip, TrainSettings(epochs=2, batch_size=8, adapter_lr=1e-2))
+    dar = DAR(tiny_clip, TrainSettings(epochs=2, batch_size=8, adapter_lr=1e-2, adapter=kind))
     try:
+        base = dar.embed(pix[:6])
+        dar.bank.add_domain("fresh")                    # a new adapter starts as the identity
+        dar.bank.active = "fresh"
+        assert np.allclose(dar.image_features(pix[:6]).detach().numpy(), base, atol=1e-5)
+        dar.bank.active = None
+        del dar.bank.domains["fresh"]
         dar.learn(Domain("a", pix, caps, np.arange(len(pix))))
         before = {k: v.clone() for k, v in dar.bank.domains["a"].state_dict().items()}
         frozen = {k: v.clone() for k, v in dar.tower.state_dict().items()}
@@ -38,6 +45,21 @@ def test_adding_a_domain_leaves_earlier_adapters_bit_identical(tiny_clip):
         assert all(torch.equal(v, frozen[k]) for k, v in dar.tower.state_dict().items())  # the base stays frozen
         emb = dar.embed(pix[:4])
         assert emb.shape == (4, tiny_clip.dim) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+        # per-sample mixing: one-hot weights are that adapter, all-zero weights the base model,
+        # and a 50/50 mix differs from both
+        with torch.no_grad():
+            feats = {}
+            for name in ("a", "b"):
+                dar.bank.active = name
+                feats[name] = dar.image_features(pix[:4]).numpy()
+            dar.bank.active = None
+            for w, ref in (([1.0, 0.0], feats["a"]), ([0.0, 1.0], feats["b"]), ([0.0, 0.0], base[:4])):
+                dar.bank.weights = torch.tensor([w] * 4)
+                assert np.allclose(dar.image_features(pix[:4]).numpy(), ref, atol=1e-5), w
+            dar.bank.weights = torch.tensor([[0.5, 0.5]] * 4)
+            mix = dar.image_features(pix[:4]).numpy()
+            dar.bank.weights = None
+        assert not np.allclose(mix, feats["a"], atol=1e-4) and not np.allclose(mix, feats["b"], atol=1e-4)
         with pytest.raises(InputError, match="exists already"):
             dar.bank.add_domain("a")
     finally:
@@ -62,11 +84,35 @@ def test_router_weights(n_domains, temperature, seed):
     w = r.weights(x)
     assert np.allclose(w.sum(1), 1) and ((w > 0).sum(1) <= 2).all() and (w >= 0).all()
     cold = PrototypeRouter("enc#0", "soft", top_k=2, temperature=1e-6)
-    cold.domains, cold.prototypes = r.domains, r.prototypes
+    cold.domains, cold.prototypes, cold.thresholds = r.domains, r.prototypes, r.thresholds
     hard = PrototypeRouter("enc#0", "hard")
-    hard.domains, hard.prototypes = r.domains, r.prototypes
+    hard.domains, hard.prototypes, hard.thresholds = r.domains, r.prototypes, r.thresholds
     assert np.allclose(cold.weights(x), hard.weights(x), atol=1e-6)  # T → 0 gives the argmax
     assert (hard.weights(x).argmax(1) == r.scores(x).argmax(1)).all()
+
+
+def test_router_ood_quantile_sends_far_inputs_to_the_base_model():
+    from qshift.continual.router import PrototypeRouter
+
+    rng = np.random.default_rng(0)
+    train = {d: rng.standard_normal((400, 8)) * 0.3 + 4 * np.eye(8)[d] for d in range(2)}
+    r = PrototypeRouter("enc#0", "soft", top_k=2, temperature=0.05, ood_quantile=0.1)
+    for d, x in train.items():
+        r.add(f"d{d}", x)
+    kept = (r.weights(train[0]).sum(1) > 0).mean()
+    assert 0.85 <= kept <= 0.95                                   # ≈ 1 − q of a domain's own inputs routed
+    far = rng.standard_normal((50, 8)) * 0.3 + 4 * np.eye(8)[5]   # a domain never learnt
+    assert (r.weights(far) == 0).all()
+    w = r.weights(train[1])
+    assert np.allclose(w[w.sum(1) > 0].sum(1), 1) and (w[:, 0] <= 1e-6).all()  # never to the far domain
+    again = PrototypeRouter.from_state(r.state_dict(), "enc#0")
+    assert np.array_equal(again.weights(far), r.weights(far)) and again.thresholds == r.thresholds
+    off = PrototypeRouter("enc#0", "soft", top_k=2, temperature=0.05)
+    for d, x in train.items():
+        off.add(f"d{d}", x)
+    assert (off.weights(far).sum(1) > 0.99).all()                 # without it, everything is routed
+    with pytest.raises(InputError, match="ood_quantile"):
+        PrototypeRouter("enc#0", ood_quantile=1.0)
 
 
 def test_router_fallback_and_bad_input():
@@ -128,7 +174,9 @@ def test_the_protocol_end_to_end_and_resumes(tiny_world, tmp_path, monkeypatch):
     monkeypatch.setenv("QSHIFT_CACHE", str(tiny_world / "cache"))
     cfg = ContinualConfig(name="t", encoder="world:mini-clip", domains=["flat", "photo"], ood=["pixel"],
                           orders=[0, 1], methods=["zero-shot", "seq-ft", "ewc", "lwf", "replay", "zscl", "joint",
-                                                   "dar", "dar-merge"],
+                                                   "dar", "dar-merge",
+                                                   {"method": "dar", "label": "dar-norm",
+                                                    "settings": {"adapter": "norm", "ood_quantile": 0.1}}],
                           settings={"epochs": 1, "batch_size": 8, "buffer": 4})
     out = run_continual(cfg, tmp_path / "res", EmbeddingStore(tmp_path / "st"), progress=False)
     s = json.loads((out / "results.json").read_text())
@@ -139,6 +187,10 @@ def test_the_protocol_end_to_end_and_resumes(tiny_world, tmp_path, monkeypatch):
     assert np.allclose(zs[0], zs[1]) and s["mean_over_orders"]["zero-shot"]["bwt"] == 0  # nothing learnt or lost
     assert (out / "matrix.png").stat().st_size > 5000
     assert "| dar |" in write_markdown(out).read_text()
+    norm = json.loads((out / "order0" / "dar-norm" / "step0.json").read_text())
+    assert norm["method"] == "dar-norm" and norm["key"] != json.loads((out / "order0" / "dar" / "step0.json")
+                                                                       .read_text())["key"]
+    assert norm["train"]["adapter_parameters"] < r["adapter_parameters"]  # γ, β only
     stamp = (out / "order0" / "dar" / "step1.json").stat().st_mtime_ns
     run_continual(cfg, tmp_path / "res", EmbeddingStore(tmp_path / "st"), progress=False)  # resumes: no rerun
     assert (out / "order0" / "dar" / "step1.json").stat().st_mtime_ns == stamp
@@ -153,6 +205,18 @@ def test_bad_configs(tmp_path):
         ContinualConfig(name="x", domains=[{"name": "a"}])
     with pytest.raises(InputError, match="gallery must be reencode or first"):
         ContinualConfig(name="x", gallery="later")
+    # labelled method entries: each with its own settings, labels unique, settings checked
+    ok = ContinualConfig(name="x", methods=["dar", {"method": "dar", "label": "dar-norm",
+                                                    "settings": {"adapter": "norm"}}])
+    assert [ok.method_entry(m) for m in ok.methods] == [("dar", "dar", {}), ("dar-norm", "dar", {"adapter": "norm"})]
+    with pytest.raises(InputError, match="duplicate method labels"):
+        ContinualConfig(name="x", methods=["dar", {"method": "dar"}])
+    with pytest.raises(InputError, match="a method is a name or"):
+        ContinualConfig(name="x", methods=[{"label": "dar-x"}])
+    with pytest.raises(InputError, match="unknown keys \\['adaptr'\\]"):
+        ContinualConfig(name="x", methods=[{"method": "dar", "settings": {"adaptr": "norm"}}])
+    with pytest.raises(InputError, match="adapter must be bottleneck or norm"):
+        ContinualConfig(name="x", settings={"adapter": "lora"})
     f = tmp_path / "c.yaml"
     f.write_text("name: x\ndomians: [flat]\n")
     with pytest.raises(InputError, match="unknown keys"):

@@ -1,4 +1,5 @@
-"""Per-domain residual bottleneck adapters on a frozen tower (DAR, reconstruction).
+"""Per-domain adapters on a frozen tower (DAR, reconstruction): residual bottlenecks
+(:class:`AdapterBank`) or norm affines (:class:`NormBank`).
 
 An adapter is a small residual branch h ← h + up(GELU(down(h))) after each residual
 block of the tower (a 1×1-conv pair on feature maps, a linear pair on token features),
@@ -10,6 +11,14 @@ mixing outputs is the well-defined choice, and with one-hot weights both are the
 
 Adding a domain creates its branches from a seed and trains only them; every earlier
 domain's tensors stay bit-identical (tested).
+
+A norm adapter (``adapter: norm``) is a domain's own copy of every normalisation layer's
+affine (γ, β) — BatchNorm with the frozen running statistics, LayerNorm — started at the
+base values (the identity). Reconstruction: the abstract does not name the adapter; the
+world's domains are image corruptions, which shift low-level feature statistics, and
+domain-specific normalisation is the classic fix for that (DSBN; norm layers are also
+what Tent/REST adapt). Mixing is exact weight merging: γ(x) = (1 − Σ_d w_d)·γ₀ + Σ_d
+w_d·γ_d (the same for β), so all-zero weights give the base model.
 """
 
 from __future__ import annotations
@@ -123,3 +132,82 @@ class AdapterBank(nn.Module):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+NORM_CLASSES = (nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm)
+
+
+class NormBank(nn.Module):
+    """Per-domain γ, β of the tower's norm layers, applied by forward hooks (same interface
+    as :class:`AdapterBank`: ``add_domain``, ``active``, ``weights``, ``remove``)."""
+
+    def __init__(self, tower: nn.Module, example: Any = None, forward: Any = None, rank: int = 0) -> None:
+        super().__init__()
+        self.norms = [m for m in tower.modules() if isinstance(m, NORM_CLASSES) and getattr(m, "weight", None)
+                      is not None]
+        if not self.norms:
+            raise InputError(f"{type(tower).__name__}: no affine norm layers to adapt")
+        # token tensors are (seq, batch, dim) in towers that are not batch-first
+        self.batch_first = all(getattr(m, "batch_first", True) for m in tower.modules() if hasattr(m, "batch_first"))
+        self.domains = nn.ModuleDict()
+        self.weights: torch.Tensor | None = None
+        self.active: str | None = None
+        self._hooks = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.norms)]
+
+    def add_domain(self, name: str, seed: int = 0) -> nn.ParameterList:
+        if name in self.domains:
+            raise InputError(f"adapters: a domain named {name!r} exists already")
+        params = nn.ParameterList()
+        for m in self.norms:
+            params.append(nn.Parameter(m.weight.detach().clone()))
+            params.append(nn.Parameter(m.bias.detach().clone() if m.bias is not None else torch.zeros_like(m.weight)))
+        self.domains[name] = params
+        return params
+
+    @staticmethod
+    def _normalised(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(mod, nn.LayerNorm):
+            return torch.nn.functional.layer_norm(x, mod.normalized_shape, None, None, mod.eps)
+        shape = [1, -1] + [1] * (x.ndim - 2)
+        return (x - mod.running_mean.view(shape)) / torch.sqrt(mod.running_var.view(shape) + mod.eps)
+
+    def _hook(self, i: int) -> Any:
+        def hook(mod: nn.Module, inp: Any, out: Any) -> Any:
+            if self.active is None and self.weights is None:
+                return out
+            x = inp[0]
+            xh = self._normalised(mod, x)
+            cdim = x.ndim - len(mod.normalized_shape) if isinstance(mod, nn.LayerNorm) else 1
+            if self.active is not None:
+                g, b = self.domains[self.active][2 * i], self.domains[self.active][2 * i + 1]
+                shape = [1] * x.ndim
+                shape[cdim:cdim + g.ndim] = list(g.shape)
+                return xh * g.view(shape) + b.view(shape)
+            w = self.weights.to(x.dtype)                                        # B × D
+            g = (1 - w.sum(1, keepdim=True)) * mod.weight.detach()[None].flatten(1)
+            b = (1 - w.sum(1, keepdim=True)) * (mod.bias.detach() if mod.bias is not None
+                                                else torch.zeros_like(mod.weight))[None].flatten(1)
+            for k, name in enumerate(self.domains):
+                g = g + w[:, k:k + 1] * self.domains[name][2 * i].flatten()[None]
+                b = b + w[:, k:k + 1] * self.domains[name][2 * i + 1].flatten()[None]
+            bdim = 0 if not isinstance(mod, nn.LayerNorm) or x.ndim == 2 or self.batch_first else 1
+            shape = [1] * x.ndim
+            shape[bdim] = -1
+            shape[cdim:cdim + mod.weight.ndim] = list(mod.weight.shape)
+            return xh * g.view(shape) + b.view(shape)
+        return hook
+
+    def parameters_of(self, name: str) -> list[nn.Parameter]:
+        return list(self.domains[name].parameters())
+
+    def n_parameters(self, name: str | None = None) -> int:
+        names = [name] if name else list(self.domains)
+        return sum(p.numel() for n in names for p in self.domains[n].parameters())
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+BANKS = {"bottleneck": AdapterBank, "norm": NormBank}

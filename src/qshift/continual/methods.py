@@ -48,11 +48,13 @@ class TrainSettings:
     ewc_lambda: float = 100.0
     distill_weight: float = 1.0
     buffer: int = 200
+    adapter: str = "bottleneck"
     rank: int = 16
     routing: str = "soft"
     top_k: int = 2
     route_temperature: float = 0.05
     threshold: float = 0.0
+    ood_quantile: float = 0.0
     prototypes: int = 1
     merge: str = "ties"
     merge_density: float = 0.5
@@ -61,6 +63,15 @@ class TrainSettings:
         if self.epochs < 1 or self.batch_size < 2:
             raise InputError(f"continual: epochs >= 1 and batch_size >= 2 needed, got {self.epochs}, "
                              f"{self.batch_size}")
+        if self.adapter not in ("bottleneck", "norm"):
+            raise InputError(f"continual: adapter must be bottleneck or norm, got {self.adapter!r}")
+
+    @staticmethod
+    def from_dict(d: dict) -> "TrainSettings":
+        known = {f.name for f in dataclasses.fields(TrainSettings)}
+        if set(d) - known:
+            raise InputError(f"continual settings: unknown keys {sorted(set(d) - known)}; known: {sorted(known)}")
+        return TrainSettings(**d)
 
 
 @dataclass
@@ -365,15 +376,17 @@ class DAR(Learner):
     name = "dar"
 
     def __init__(self, encoder: Any, settings: TrainSettings, merged: bool = False) -> None:
-        from qshift.continual.adapters import AdapterBank
+        from qshift.continual.adapters import BANKS
         from qshift.continual.router import PrototypeRouter
 
         super().__init__(encoder, settings)
         self.merged = merged
         example = encoder.prepare([np.zeros((32, 32, 3), np.uint8)] * 2, "image")  # one probe forward
-        self.bank = AdapterBank(self.tower, example, lambda x: encoder.forward(x, "image"), rank=settings.rank)
+        self.bank = BANKS[settings.adapter](self.tower, example, lambda x: encoder.forward(x, "image"),
+                                            rank=settings.rank)
         self.router = PrototypeRouter(encoder.fingerprint(), settings.routing, settings.top_k,
-                                      settings.route_temperature, settings.threshold, settings.prototypes)
+                                      settings.route_temperature, settings.threshold, settings.prototypes,
+                                      settings.ood_quantile)
         self.init_state: dict | None = None
         self.merged_state: dict | None = None
 

@@ -42,7 +42,9 @@ class ContinualConfig:
     domains: list[Any] = field(default_factory=lambda: list(WORLD_STYLES))
     ood: list[Any] = field(default_factory=lambda: ["pixel"])
     orders: list[int] = field(default_factory=lambda: [0])
-    methods: list[str] = field(default_factory=lambda: ["zero-shot", "seq-ft", "dar"])
+    # a method name, or {method: NAME, label: LABEL, settings: {...}}: the same method with its
+    # own settings over the shared ones (a validation grid runs several under their labels)
+    methods: list[Any] = field(default_factory=lambda: ["zero-shot", "seq-ft", "dar"])
     settings: dict = field(default_factory=dict)
     max_train_images: int | None = 2000
     max_test_images: int | None = 1000
@@ -60,9 +62,24 @@ class ContinualConfig:
             raise InputError(f"continual config: duplicate domain names {dup}")
         if self.gallery not in ("reencode", "first"):
             raise InputError(f"continual config: gallery must be reencode or first, got {self.gallery!r}")
-        TrainSettings(**self.settings)
+        TrainSettings.from_dict(self.settings)
         if not self.methods:
             raise InputError("continual config: methods is empty")
+        labels = [self.method_entry(m)[0] for m in self.methods]
+        dup = sorted({n for n in labels if labels.count(n) > 1})
+        if dup:
+            raise InputError(f"continual config: duplicate method labels {dup}")
+        for m in self.methods:
+            TrainSettings.from_dict({**self.settings, **self.method_entry(m)[2]})
+
+    @staticmethod
+    def method_entry(m: Any) -> tuple[str, str, dict]:
+        """(label, method, its settings over the shared ones) of a ``methods`` entry."""
+        if isinstance(m, str):
+            return m, m, {}
+        if isinstance(m, dict) and "method" in m and set(m) <= {"method", "label", "settings"}:
+            return str(m.get("label", m["method"])), str(m["method"]), dict(m.get("settings") or {})
+        raise InputError(f"continual config: a method is a name or {{method, label, settings}}, got {m!r}")
 
     @staticmethod
     def domain_name(d: Any) -> str:
@@ -172,7 +189,6 @@ def run_continual(cfg: ContinualConfig, out: Path | None = None, store: Any = No
 
     out = Path(out or cfg.out or Path("runs") / "continual" / cfg.name)
     store = store or EmbeddingStore(cache_dir() / "store")
-    settings = TrainSettings(**cfg.settings)
     probe = create_encoder(cfg.encoder)
     data = DomainSet(cfg, probe, store)
     names = [cfg.domain_name(d) for d in cfg.domains]
@@ -180,8 +196,12 @@ def run_continual(cfg: ContinualConfig, out: Path | None = None, store: Any = No
     key = stable_hash({**asdict(cfg), "methods": None, "out": None, "encoder_fp": probe.fingerprint()})[:16]
     write_json(out / "config.json", {**asdict(cfg), "key": key})
     runs = [(o, m) for o in cfg.orders for m in cfg.methods]
+    shared_key = key
     with progress_bar(f"continual {cfg.name}", len(runs) * len(names), progress) as bar:
-        for order_seed, method in runs:
+        for order_seed, entry in runs:
+            method, base, over = cfg.method_entry(entry)
+            key = shared_key if not over else stable_hash([shared_key, base, over])[:16]
+            settings = TrainSettings.from_dict({**cfg.settings, **over})
             order = [cfg.domains[i] for i in domain_order(names, order_seed)]
             folder = out / f"order{order_seed}" / method
             done = [read_json(folder / f"step{t}.json") for t in range(len(order))
@@ -190,7 +210,7 @@ def run_continual(cfg: ContinualConfig, out: Path | None = None, store: Any = No
                 bar.advance(len(order))
                 continue
             enc = create_encoder(cfg.encoder)
-            learner = create_learner(method, enc, settings, len(order))
+            learner = create_learner(base, enc, settings, len(order))
             start, kept = _resume(folder, key, learner, order, data, done)
             bar.advance(start)
             try:
@@ -259,7 +279,7 @@ def summarize(out: Path, cfg: ContinualConfig, names: list[str], oods: list[str]
     for o in cfg.orders:
         zs_dir = out / f"order{o}" / "zero-shot"
         zs = read_json(zs_dir / "step0.json")["eval"] if (zs_dir / "step0.json").is_file() else None
-        for m in cfg.methods:
+        for m in (cfg.method_entry(e)[0] for e in cfg.methods):
             steps = [read_json(out / f"order{o}" / m / f"step{t}.json") for t in range(len(names))]
             order = steps[0]["order"]
             mat = np.array([[s["eval"][n]["R@1"] for n in order] for s in steps])

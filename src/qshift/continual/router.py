@@ -6,7 +6,11 @@ embedding e is compared with every prototype by cosine; a domain scores its best
 prototype. ``hard`` routing picks the best domain; ``soft`` keeps the ``top_k`` best and
 weighs them by softmax(score / T) (weights sum to 1; T → 0 gives the argmax). When even
 the best score is below ``threshold`` the input goes to the base model (all weights 0:
-the out-of-distribution fallback). No test labels are used: only frozen embeddings.
+the out-of-distribution fallback). With ``ood_quantile`` q > 0 each domain also gets its
+own threshold, the q-quantile of its training inputs' scores (reconstruction: the abstract
+gives no rule; a fixed cosine does not carry over between encoders, an in-domain quantile
+does), and a domain whose score is below its threshold gets no weight — no domain left:
+the base model. No test labels are used: only frozen embeddings of training inputs.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ class PrototypeRouter:
     temperature: float = 0.05
     threshold: float = -1.0     # below this best cosine: the base model
     per_domain: int = 1
+    ood_quantile: float = 0.0   # > 0: per-domain thresholds at this quantile of its training scores
     domains: list[str] = field(default_factory=list)
     prototypes: list[np.ndarray] = field(default_factory=list)  # per domain: m × d, unit rows
+    thresholds: list[float] = field(default_factory=list)      # per domain (−inf without ood_quantile)
 
     def __post_init__(self) -> None:
         if self.mode not in ("soft", "hard"):
@@ -37,6 +43,8 @@ class PrototypeRouter:
             raise InputError(f"router: top_k and per_domain must be >= 1, got {self.top_k}, {self.per_domain}")
         if self.temperature < 0:
             raise InputError(f"router: temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.ood_quantile < 1:
+            raise InputError(f"router: ood_quantile must be in [0, 1), got {self.ood_quantile}")
 
     def add(self, domain: str, frozen: np.ndarray, seed: int = 0) -> None:
         if domain in self.domains:
@@ -54,8 +62,11 @@ class PrototypeRouter:
                               min_points_per_centroid=1)
             km.train(x)
             protos = km.centroids.copy()
+        protos = protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12)
         self.domains.append(domain)
-        self.prototypes.append(protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12))
+        self.prototypes.append(protos)
+        own = (x @ protos.T).max(1)
+        self.thresholds.append(float(np.quantile(own, self.ood_quantile)) if self.ood_quantile > 0 else -np.inf)
 
     def scores(self, frozen: np.ndarray) -> np.ndarray:
         """B × D: each domain's best prototype cosine."""
@@ -68,6 +79,8 @@ class PrototypeRouter:
     def weights(self, frozen: np.ndarray) -> np.ndarray:
         """B × D routing weights (rows sum to 1, or 0 for the base-model fallback)."""
         s = self.scores(frozen)
+        below = s < np.asarray(self.thresholds, dtype=s.dtype)[None]  # a domain too far from this input
+        s = np.where(below, -np.inf, s)
         w = np.zeros_like(s)
         rows = np.arange(len(s))
         if self.mode == "hard" or self.temperature == 0:
@@ -76,9 +89,11 @@ class PrototypeRouter:
             k = min(self.top_k, s.shape[1])
             top = np.argsort(-s, axis=1, kind="stable")[:, :k]
             z = np.take_along_axis(s, top, 1) / self.temperature
-            z = np.exp(z - z.max(1, keepdims=True))
-            np.put_along_axis(w, top, z / z.sum(1, keepdims=True), 1)
-        w[s.max(1) < self.threshold] = 0.0
+            with np.errstate(invalid="ignore"):
+                z = np.exp(z - z.max(1, keepdims=True))                  # a row of −inf: NaN, zeroed below
+                np.put_along_axis(w, top, np.nan_to_num(z / z.sum(1, keepdims=True)), 1)
+        w[below] = 0.0
+        w[(s.max(1) < self.threshold) | below.all(1)] = 0.0
         return w
 
     def torch_weights(self, frozen: np.ndarray) -> torch.Tensor:
@@ -87,6 +102,7 @@ class PrototypeRouter:
     def state_dict(self) -> dict:
         return {"fingerprint": self.fingerprint, "mode": self.mode, "top_k": self.top_k,
                 "temperature": self.temperature, "threshold": self.threshold, "per_domain": self.per_domain,
+                "ood_quantile": self.ood_quantile, "thresholds": list(self.thresholds),
                 "domains": list(self.domains), "prototypes": [torch.from_numpy(p) for p in self.prototypes]}
 
     @classmethod
@@ -94,4 +110,5 @@ class PrototypeRouter:
         if state["fingerprint"] != fingerprint:
             raise StoreMismatchError(f"router: prototypes of encoder {state['fingerprint']}, not {fingerprint}")
         protos = [p.numpy() for p in state.pop("prototypes")]
+        state.setdefault("thresholds", [-np.inf] * len(protos))   # states saved before ood_quantile
         return cls(**{**state, "prototypes": protos})
