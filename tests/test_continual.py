@@ -296,3 +296,44 @@ def test_an_interrupted_run_resumes_after_its_last_step(tiny_world, tmp_path, mo
 
     with pytest.raises(EncoderSpecError, match="no such state file"):
         create_encoder(f"dar:{tmp_path / 'missing.pt'}")
+
+
+def test_dar_keeps_the_best_held_out_epoch(tiny_clip, monkeypatch):
+    """held_out: the adapter kept is the best epoch on held-out training pairs; epoch 0 (the
+    identity) wins when training only hurts them."""
+    from qshift.continual.methods import DAR, Domain, TrainSettings
+
+    torch.manual_seed(0)
+    pix = tiny_clip.prepare([np.full((32, 32, 3), c, np.uint8) for c in range(0, 250, 10)], "image")
+    caps = torch.nn.functional.normalize(torch.randn(len(pix), tiny_clip.dim), dim=-1)
+    d = Domain("a", pix, caps, np.arange(len(pix)))
+    fit, held = d.split(0.2, 0)
+    assert len(held.pixels) == 5 and len(fit.pixels) == 20 and sorted(held.caption_item) == list(range(5))
+    dar = DAR(tiny_clip, TrainSettings(epochs=3, batch_size=8, adapter_lr=1e-2, adapter="norm", held_out=0.2))
+    try:
+        with torch.no_grad():
+            own = dar.image_features(held.pixels)
+        assert dar._held_r1(Domain("c", held.pixels, own, np.arange(5))) == 100.0   # captions = the images
+        assert dar._held_r1(Domain("c", held.pixels, own.flip(0), np.arange(5))) < 100.0
+        scores = iter([50.0, 10.0, 20.0, 30.0])                # epoch 0 best: nothing is kept
+        monkeypatch.setattr(dar, "_held_r1", lambda held: next(scores))
+        info = dar.learn(d)
+        assert info["best_epoch"] == 0 and info["held_out_r1"] == [50.0, 10.0, 20.0, 30.0]
+        assert all(torch.equal(v, dar.init_state[k]) for k, v in dar.bank.domains["a"].state_dict().items())
+        scores = iter([5.0, 10.0, 40.0, 30.0])                 # epoch 2 best: its weights are kept
+        trained = {}
+        real_fit = dar.fit
+
+        def spy(dom, params, lr, after_epoch=None):
+            def after(epoch):
+                trained[epoch] = {k: v.detach().clone() for k, v in dar.bank.domains["b"].state_dict().items()}
+                after_epoch(epoch)
+            return real_fit(dom, params, lr, after)
+
+        monkeypatch.setattr(dar, "fit", spy)
+        info = dar.learn(Domain("b", pix.flip(0), caps, np.arange(len(pix))))
+        assert info["best_epoch"] == 2
+        assert all(torch.equal(v, trained[2][k]) for k, v in dar.bank.domains["b"].state_dict().items())
+        assert not all(torch.equal(v, trained[3][k]) for k, v in dar.bank.domains["b"].state_dict().items())
+    finally:
+        dar.close()

@@ -55,6 +55,7 @@ class TrainSettings:
     route_temperature: float = 0.05
     threshold: float = 0.0
     ood_quantile: float = 0.0
+    held_out: float = 0.0
     prototypes: int = 1
     merge: str = "ties"
     merge_density: float = 0.5
@@ -65,6 +66,8 @@ class TrainSettings:
                              f"{self.batch_size}")
         if self.adapter not in ("bottleneck", "norm"):
             raise InputError(f"continual: adapter must be bottleneck or norm, got {self.adapter!r}")
+        if not 0 <= self.held_out < 1:
+            raise InputError(f"continual: held_out must be in [0, 1), got {self.held_out}")
 
     @staticmethod
     def from_dict(d: dict) -> "TrainSettings":
@@ -82,6 +85,20 @@ class Domain:
     pixels: torch.Tensor           # N × 3 × H × W, preprocessed
     captions: torch.Tensor         # C × d frozen caption embeddings
     caption_item: np.ndarray       # C: the image of each caption
+
+    def split(self, fraction: float, seed: int) -> tuple["Domain", "Domain"]:
+        """(the rest, ``fraction`` of the images with their captions), seeded."""
+        n = len(self.pixels)
+        held = np.zeros(n, bool)
+        held[np.random.default_rng([seed, 7]).permutation(n)[:max(1, int(round(n * fraction)))]] = True
+        parts = []
+        for keep in (~held, held):
+            new = -np.ones(n, dtype=np.int64)
+            new[keep] = np.arange(int(keep.sum()))
+            caps = keep[self.caption_item]
+            parts.append(Domain(self.name, self.pixels[torch.from_numpy(keep)], self.captions[torch.from_numpy(caps)],
+                                new[self.caption_item[caps]]))
+        return parts[0], parts[1]
 
 
 class Learner:
@@ -129,7 +146,8 @@ class Learner:
     def trainable(self) -> list[torch.nn.Parameter]:
         return list(self.tower.parameters())
 
-    def fit(self, d: Domain, params: list[torch.nn.Parameter], lr: float) -> float:
+    def fit(self, d: Domain, params: list[torch.nn.Parameter], lr: float, after_epoch: Any = None) -> float:
+        """Contrastive epochs on ``d``; ``after_epoch(epoch)`` runs after each (1-based)."""
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.s.weight_decay)
@@ -145,6 +163,8 @@ class Learner:
                     loss.backward()
                 opt.step()
                 last = float(loss.detach())
+            if after_epoch is not None:
+                after_epoch(epoch + 1)
         for p in params:
             p.requires_grad_(False)
         return last
@@ -371,7 +391,14 @@ class Joint(Learner):
 
 
 class DAR(Learner):
-    """Per-domain adapters + prototype routing (or one merged adapter)."""
+    """Per-domain adapters + prototype routing (or one merged adapter).
+
+    With ``held_out`` > 0 (reconstruction: the abstract gives no training schedule) that
+    share of a domain's training images is kept out of the adapter's training, and the
+    adapter kept is the one of the epoch with the best R@1 on them — epoch 0, the identity,
+    included, so a domain whose adapter only over-fits is served by the base model, as
+    MoE-Adapters' selector sends unfamiliar inputs to the frozen model.
+    """
 
     name = "dar"
 
@@ -400,7 +427,22 @@ class DAR(Learner):
             self.init_state = {k: v.detach().clone() for k, v in branches.state_dict().items()}
         self.router.add(d.name, self.base_features(d.pixels), seed=self.s.seed)
         self.bank.active = d.name
-        loss = self.fit(d, list(branches.parameters()), self.s.adapter_lr)
+        info: dict = {}
+        if self.s.held_out > 0 and len(d.pixels) >= 4:
+            fit, held = d.split(self.s.held_out, self.s.seed + len(self.seen))
+            best = {"epoch": 0, "r1": self._held_r1(held), "state": self._copy(branches)}   # epoch 0: the base
+            scores = [best["r1"]]
+
+            def keep_best(epoch: int) -> None:
+                scores.append(self._held_r1(held))
+                if scores[-1] > best["r1"]:
+                    best.update(epoch=epoch, r1=scores[-1], state=self._copy(branches))
+
+            loss = self.fit(fit, list(branches.parameters()), self.s.adapter_lr, keep_best)
+            branches.load_state_dict(best["state"])
+            info = {"best_epoch": best["epoch"], "held_out_r1": [round(x, 2) for x in scores]}
+        else:
+            loss = self.fit(d, list(branches.parameters()), self.s.adapter_lr)
         self.bank.active = None
         self.seen.append(d)
         if self.merged:
@@ -409,7 +451,20 @@ class DAR(Learner):
             states = [{k: v.detach().clone() for k, v in self.bank.domains[n].state_dict().items()}
                       for n in self.bank.domains]
             self.merged_state = merge(self.init_state, states, self.s.merge, density=self.s.merge_density)
-        return {"loss": loss, "adapter_parameters": self.bank.n_parameters(d.name)}
+        return {"loss": loss, "adapter_parameters": self.bank.n_parameters(d.name), **info}
+
+    @staticmethod
+    def _copy(module: torch.nn.Module) -> dict:
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def _held_r1(self, held: Domain) -> float:
+        """R@1 (mean of T2I and I2T) on held-out training pairs with the adapter being trained."""
+        img = torch.cat([self.image_features(held.pixels[s:s + 256]) for s in range(0, len(held.pixels), 256)])
+        sims = held.captions.float() @ img.T                                   # C × N
+        t2i = (sims.argmax(1).numpy() == held.caption_item).mean()
+        i2t = (held.caption_item[sims.argmax(0).numpy()] == np.arange(len(img))).mean()
+        return float(50.0 * (t2i + i2t))
 
     @torch.no_grad()
     def embed(self, pixels: torch.Tensor, batch: int = 256) -> np.ndarray:
