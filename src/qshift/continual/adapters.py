@@ -79,7 +79,26 @@ def _probe_shapes(tower: nn.Module, sites: list[tuple[str, nn.Module]], example:
     return shapes
 
 
-class AdapterBank(nn.Module):
+class _Bank(nn.Module):
+    """What both banks share: per-domain modules in ``domains``, hooks in ``_hooks``."""
+
+    domains: nn.ModuleDict
+    _hooks: list
+
+    def parameters_of(self, name: str) -> list[nn.Parameter]:
+        return list(self.domains[name].parameters())
+
+    def n_parameters(self, name: str | None = None) -> int:
+        names = [name] if name else list(self.domains)
+        return sum(p.numel() for n in names for p in self.domains[n].parameters())
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+class AdapterBank(_Bank):
     """Branches per domain on the sites of one tower, applied by forward hooks."""
 
     def __init__(self, tower: nn.Module, example: Any, forward: Any, rank: int = 16) -> None:
@@ -121,23 +140,11 @@ class AdapterBank(nn.Module):
             return (h, *out[1:]) if isinstance(out, tuple) else h
         return hook
 
-    def parameters_of(self, name: str) -> list[nn.Parameter]:
-        return list(self.domains[name].parameters())
-
-    def n_parameters(self, name: str | None = None) -> int:
-        names = [name] if name else list(self.domains)
-        return sum(p.numel() for n in names for p in self.domains[n].parameters())
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
 
 NORM_CLASSES = (nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm)
 
 
-class NormBank(nn.Module):
+class NormBank(_Bank):
     """Per-domain γ, β of the tower's norm layers, applied by forward hooks (same interface
     as :class:`AdapterBank`: ``add_domain``, ``active``, ``weights``, ``remove``)."""
 
@@ -196,18 +203,6 @@ class NormBank(nn.Module):
             shape[cdim:cdim + mod.weight.ndim] = list(mod.weight.shape)
             return xh * g.view(shape) + b.view(shape)
         return hook
-
-    def parameters_of(self, name: str) -> list[nn.Parameter]:
-        return list(self.domains[name].parameters())
-
-    def n_parameters(self, name: str | None = None) -> int:
-        names = [name] if name else list(self.domains)
-        return sum(p.numel() for n in names for p in self.domains[n].parameters())
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
 
 
 BANKS = {"bottleneck": AdapterBank, "norm": NormBank}
