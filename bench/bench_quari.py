@@ -4,12 +4,19 @@ ablations, and the latency of low-rank scoring, re-ranking and full search.
     .venv/bin/python bench/bench_quari.py accuracy --testbed world --encoder world:mini-clip
     .venv/bin/python bench/bench_quari.py accuracy --testbed world-pixel --epochs 60 --seeds 0,1,2
     .venv/bin/python bench/bench_quari.py accuracy --testbed coco
+    .venv/bin/python bench/bench_quari.py accuracy --testbed world-ilias --epochs 60 --seeds 0,1,2
+    .venv/bin/python bench/bench_quari.py accuracy --testbed world-ilias-100k --epochs 60 --seeds 0,1,2
+    .venv/bin/python bench/bench_quari.py accuracy --testbed world-inquire --epochs 60 --seeds 0,1,2
     .venv/bin/python bench/bench_quari.py latency
 
 Accuracy trains on the training split (world: train; world-pixel: the held-out pixel
-style's val split, a domain the backbone never saw; COCO: the 1k-image dev captions) from
-stored embeddings and reports on the test split. Runs go to runs/bench/quari-<testbed>/
-and are reused when present (delete them to retrain).
+style's val split, a domain the backbone never saw; COCO: the 1k-image dev captions;
+world-ilias / world-inquire: QuARI's own protocols, :mod:`qshift.world.protocols`, trained
+on their train split — ILIAS instances never in the test set, INQUIRE query templates
+never in the test set) from stored embeddings and reports on the test split. Runs go to
+runs/bench/quari-<training set>/ and are reused when present (delete them to retrain):
+world-ilias-100k scores the checkpoints of world-ilias on a 100k gallery and adds full
+search through FAISS (queries/s, recall of the exact QuARI top-k).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import previous_results, md_table, timeit, write_results  # noqa: E402
+from common import RESULTS, previous_results, md_table, timeit, write_results  # noqa: E402
 
 from qshift.io import read_json, write_json  # noqa: E402
 
@@ -33,6 +41,8 @@ RUNS = Path(os.environ.get("QSHIFT_BENCH_RUNS", "runs/bench"))
 MODEL = dict(rank=32, hidden=64, layers=2, heads=4, steps=3)
 LR = 1e-3  # with ~10³ steps instead of the paper's ~10⁵ a larger rate than the CLI's 3e-4
 BATCH = 128  # the paper's ≈320 makes each CPU step ~6× dearer (scores grow with batch²)
+RERANK_K = 100
+RERANK_ROW = f"QuARI, re-rank top-{RERANK_K}"
 VARIANTS = {  # name: (model overrides, train overrides, on TA features)
     "QuARI": ({}, {}, False),
     "TA + QuARI": ({}, {}, True),
@@ -42,11 +52,47 @@ VARIANTS = {  # name: (model overrides, train overrides, on TA features)
 }
 
 
-def _metrics(scores: np.ndarray, qrels) -> dict[str, float]:
+# the cut-offs each protocol reports (ILIAS: mAP@1k; INQUIRE: mAP@50, nDCG@50); captions: @10
+K_MAP = {"world-ilias": 1000, "world-ilias-100k": 1000, "world-ilias-val": 1000, "world-inquire": 50,
+         "world-inquire-val": 50}
+# training sets (and run folders) shared between testbeds; the -val testbeds pick the epochs
+TRAIN_SET = {"world-ilias-100k": "world-ilias", "world-ilias-val": "world-ilias", "world-inquire-val": "world-inquire"}
+
+
+def _metrics(scores: np.ndarray, qrels, k_map: int = 10) -> dict[str, float]:
     from qshift.metrics import first_positive_rank, retrieval_metrics
 
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
-    return retrieval_metrics(top, qrels, ks=(1, 5, 10), k_map=10, full_ranks=first_positive_rank(scores, qrels))
+    k = min(max(k_map, 10), scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    top = np.take_along_axis(part, np.argsort(-np.take_along_axis(scores, part, 1), axis=1, kind="stable"), 1)
+    return retrieval_metrics(top, qrels, ks=(1, 5, 10), k_map=k_map, full_ranks=first_positive_rank(scores, qrels))
+
+
+def _protocol_testbed(name: str, encoder: str | None, store):
+    """World-ILIAS (i2i) or World-INQUIRE (t2i): train split's pairs, test split's task."""
+    from qshift.encoders import create_encoder
+    from qshift.quari.data import protocol_pairs
+    from qshift.retrieval import build_task
+    from qshift.world.protocols import protocol_collection
+
+    enc = create_encoder(encoder or "world:mini-clip")
+    kind = "ilias" if name.startswith("world-ilias") else "inquire"
+    direction = "i2i" if kind == "ilias" else "t2i"
+    test_spec = {"world-ilias": "world-ilias:test-10k", "world-ilias-100k": "world-ilias:test-100k",
+                 "world-ilias-val": "world-ilias:val", "world-inquire": "world-inquire:test",
+                 "world-inquire-val": "world-inquire:val"}[name]
+    train = protocol_collection(f"world-{kind}:train", progress=True)
+    pairs = protocol_pairs(train, enc, store)
+    test = protocol_collection(test_spec, progress=True)
+    task = build_task(test, enc, direction, store)
+    what = (f"{int((np.asarray(train.meta['protocol']['instance']) >= 0).sum() // 4)} instances"
+            if kind == "ilias" else f"{len(train.meta['protocol']['queries'])} queries of templates "
+            f"{', '.join(train.meta['protocol']['templates'])}")
+    test_what = ("" if kind == "ilias" else
+                 f", templates {', '.join(test.meta['protocol']['templates'])}")
+    desc = (f"{enc.spec}: train on world-{kind}:train ({what}; {len(pairs[0])} pairs), test on {test_spec} "
+            f"({len(task.queries)} queries × {len(task.gallery)} gallery{test_what}, {direction.upper()})")
+    return enc, pairs, task, desc
 
 
 def _testbed(name: str, encoder: str | None):
@@ -59,6 +105,8 @@ def _testbed(name: str, encoder: str | None):
     from qshift.store import EmbeddingStore
 
     store = EmbeddingStore(cache_dir() / "store")
+    if name in K_MAP:
+        return _protocol_testbed(name, encoder, store)
     if name.startswith("world"):
         from qshift.world import world_collection
 
@@ -95,56 +143,116 @@ def _pipeline_scores(enc, task, method: str | dict) -> np.ndarray:
         return pipe.score(task.query_texts or task.query_ids, embeddings=task.queries)
 
 
-def _accuracy_one_seed(enc, pairs, task, run_dir: Path, epochs: int, seed: int) -> tuple[dict, dict]:
+def _accuracy_one_seed(enc, pairs, task, run_dir: Path, epochs: int, seed: int, k_map: int = 10,
+                       lr: float = LR, batch: int = BATCH, variants: list[str] | None = None) -> tuple[dict, dict]:
     """Metrics of every method for one training seed (checkpoints cached per seed)."""
     from qshift.quari import QuARIConfig, QuARITrainConfig, train_quari, train_ta
     from qshift.quari.search import load_ta, save_ta
 
     (q, t, tof, groups), positive = pairs, task.qrels
     tail = "" if seed == 0 else f"-seed{seed}"
-    rows = {"zero-shot": _metrics(_pipeline_scores(enc, task, "zero-shot"), positive)}
+    rows = {"zero-shot": _metrics(_pipeline_scores(enc, task, "zero-shot"), positive, k_map)}
     ta_path = run_dir / f"ta{tail}.safetensors"
     if not ta_path.is_file():
         t0 = time.perf_counter()
-        save_ta(ta_path, train_ta(q, t, tof, epochs=epochs, batch_size=BATCH, lr=1e-3, seed=seed, groups=groups),
+        save_ta(ta_path, train_ta(q, t, tof, epochs=epochs, batch_size=batch, lr=1e-3, seed=seed, groups=groups),
                 backbone=enc.fingerprint())
         write_json(ta_path.with_suffix(".json"), {"train_seconds": time.perf_counter() - t0})
     timing = ta_path.with_suffix(".json")
     train_seconds = {"TA": read_json(timing)["train_seconds"] if timing.is_file() else float("nan")}
     p = load_ta(ta_path)
-    rows["TA"] = _metrics(_pipeline_scores(enc, task, {"name": "ta", "checkpoint": str(ta_path)}), positive)
+    rows["TA"] = _metrics(_pipeline_scores(enc, task, {"name": "ta", "checkpoint": str(ta_path)}), positive, k_map)
     for name, (m_over, t_over, on_ta) in VARIANTS.items():
+        if variants is not None and name not in variants:
+            continue
         out = run_dir / (name.replace(" ", "_").replace("/", "").replace("+", "plus") + tail)
         mcfg = QuARIConfig(dim=q.shape[1], **{**MODEL, **m_over})
         # the fixed epoch budget on every training pair (as the paper); the CLI holds 10 % out by default
-        tcfg = QuARITrainConfig(epochs=epochs, batch_size=BATCH, lr=LR, lr_min=LR / 100, val_fraction=0.0,
+        tcfg = QuARITrainConfig(epochs=epochs, batch_size=batch, lr=lr, lr_min=lr / 100, val_fraction=0.0,
                                 seed=seed, **t_over)
         if not (out / "quari.json").is_file():
             train_quari(q, t, tof, mcfg, tcfg, out, backbone=enc.fingerprint(), projection=p if on_ta else None,
                         groups=groups)
         train_seconds[name] = sum(r["seconds"] for r in read_json(out / "quari.json")["log"])
-        rows[name] = _metrics(_pipeline_scores(enc, task, {"name": "quari", "checkpoint": str(out)}), positive)
+        rows[name] = _metrics(_pipeline_scores(enc, task, {"name": "quari", "checkpoint": str(out)}), positive, k_map)
+        if name == "QuARI":
+            rerank = {"name": "quari", "checkpoint": str(out), "mode": "rerank", "k": RERANK_K}
+            rows[RERANK_ROW] = _metrics(_pipeline_scores(enc, task, rerank), positive, k_map)
     return rows, train_seconds
 
 
-def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[int]) -> dict:
-    """Every method over ``seeds`` training seeds: mean metrics, and per-seed R@1 with the
-    ablations' paired differences to full QuARI (the seed spread decides what is a gap)."""
+def budget_tag(epochs: int, lr: float = LR, batch: int = BATCH) -> str:
+    """The training budget's tag in run folders and val result keys: -e30[-lr0.003][-b32]."""
+    return f"-e{epochs}" + (f"-lr{lr:g}" if lr != LR else "") + (f"-b{batch}" if batch != BATCH else "")
+
+
+def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[int], lr: float = LR,
+                   batch: int = BATCH, variants: list[str] | None = None) -> dict:
+    """Every method (or ``variants`` of QuARI only) over ``seeds`` training seeds: mean metrics,
+    and the headline metric per seed with the ablations' paired differences to full QuARI
+    (the seed spread decides what is a gap)."""
     enc, pairs, task, desc = _testbed(testbed, encoder)
-    run_dir = RUNS / f"quari-{testbed}"
+    run_dir = RUNS / f"quari-{TRAIN_SET.get(testbed, testbed)}"
+    if testbed in K_MAP:                    # one folder per budget (the val testbeds compare them)
+        run_dir = run_dir.with_name(run_dir.name + budget_tag(epochs, lr, batch))
     run_dir.mkdir(parents=True, exist_ok=True)
-    per_seed = [_accuracy_one_seed(enc, pairs, task, run_dir, epochs, s) for s in seeds]
+    k_map = K_MAP.get(testbed, 10)
+    if variants is not None and set(variants) - set(VARIANTS):
+        raise SystemExit(f"unknown variants {sorted(set(variants) - set(VARIANTS))}; known: {list(VARIANTS)}")
+    variants = None if variants is None else ["QuARI", *[v for v in variants if v != "QuARI"]]  # the reference
+    per_seed = [_accuracy_one_seed(enc, pairs, task, run_dir, epochs, s, k_map, lr, batch, variants) for s in seeds]
     names = list(per_seed[0][0])
     rows = {k: {m: float(np.mean([r[k][m] for r, _ in per_seed])) for m in per_seed[0][0][k]} for k in names}
-    r1 = {k: [r[k]["R@1"] for r, _ in per_seed] for k in names}
-    diffs = {k: np.subtract(r1[k], r1["QuARI"]) for k in VARIANTS if k.startswith("w/o")}
     sd = lambda x: float(np.std(x, ddof=1)) if len(x) > 1 else 0.0  # noqa: E731
-    return {"testbed": desc, "model": MODEL, "epochs": epochs, "lr": LR, "batch_size": BATCH, "seeds": seeds,
-            "rows": rows, "r1_per_seed": r1, "r1_sd": {k: sd(v) for k, v in r1.items()},
-            "train_seconds": per_seed[0][1],
-            "quari_gain_r1": rows["QuARI"]["R@1"] - rows["zero-shot"]["R@1"],
-            "ablation_minus_full_r1": {k: {"mean": float(d.mean()), "sd": sd(d)} for k, d in diffs.items()},
-            "ablations_below_full": {k: bool(d.mean() < 0) for k, d in diffs.items()}}
+    # the headline metric: R@1 for caption retrieval (one positive), mAP@k for the protocols
+    head = "R@1" if testbed not in K_MAP else f"mAP@{k_map}"
+    per = {k: [r[k][head] for r, _ in per_seed] for k in names}
+    diffs = {k: np.subtract(per[k], per["QuARI"]) for k in VARIANTS if k.startswith("w/o") and k in per}
+    out = {"testbed": desc, "model": MODEL, "epochs": epochs, "lr": lr, "batch_size": batch, "seeds": seeds,
+           "metric": head, "rows": rows, "per_seed": per, "sd": {k: sd(v) for k, v in per.items()},
+           "train_seconds": per_seed[0][1],
+           "quari_gain": rows["QuARI"][head] - rows["zero-shot"][head],
+           "ablation_minus_full": {k: {"mean": float(d.mean()), "sd": sd(d)} for k, d in diffs.items()},
+           "ablations_below_full": {k: bool(d.mean() < 0) for k, d in diffs.items()},
+           "ablations_below_by_more_than_spread": {k: bool(-d.mean() > sd(per["QuARI"])) for k, d in diffs.items()}}
+    if testbed == "world-ilias-100k":
+        out["full_search"] = _full_search(enc, task, run_dir)
+    return out
+
+
+def _full_search(enc, task, run_dir: Path, k: int = 100) -> dict:
+    """Full search with seed 0's QuARI over the protocol's gallery through FAISS (exact MIPS
+    and IVF; w = Tᵀq', over-fetch, exact re-scoring): queries/s and recall of the exact
+    QuARI top-k (every gallery item scored)."""
+    import faiss
+    import torch
+
+    from qshift.quari import load_quari, quari_search
+
+    model, _, _ = load_quari(run_dir / "QuARI", expect_backbone=enc.fingerprint())
+    gallery = np.ascontiguousarray(task.gallery, dtype=np.float32)
+    queries = np.ascontiguousarray(task.queries, dtype=np.float32)
+    exact = np.argsort(-_pipeline_scores(enc, task, {"name": "quari", "checkpoint": str(run_dir / "QuARI")}),
+                       axis=1, kind="stable")[:, :k]
+    rows = []
+    flat = faiss.IndexFlatIP(gallery.shape[1])
+    flat.add(gallery)
+    nlist = 256
+    ivf = faiss.index_factory(gallery.shape[1], f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+    ivf.train(gallery[np.random.default_rng(0).choice(len(gallery), 64 * nlist, replace=False)])
+    ivf.add(gallery)
+    with torch.inference_mode():
+        for name, ix, nprobe in (("Flat", flat, 0), (f"IVF{nlist},Flat", ivf, 8), (f"IVF{nlist},Flat", ivf, 32)):
+            if nprobe:
+                ix.nprobe = nprobe
+            for overfetch in (2, 10):
+                t0 = time.perf_counter()
+                _, lab = quari_search(model, ix, gallery, queries, k=k, overfetch=overfetch, batch=64)
+                dt = time.perf_counter() - t0
+                rec = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(lab, exact)]))
+                rows.append({"index": name, "nprobe": nprobe or "-", "overfetch": overfetch,
+                             "queries_per_s": len(queries) / dt, f"recall@{k}_of_exact_quari": rec})
+    return {"gallery": len(gallery), "queries": len(queries), "k": k, "rows": rows}
 
 
 def bench_latency(e: int = 512, r: int = 64, n_gallery: int = 1_000_000, k: int = 1000) -> dict:
@@ -225,33 +333,76 @@ NOTES = {
             "(its model card), and 5k dev pairs (1k items) are few for the hypernetwork. T2T targets are "
             "grouped by item (one caption-mean per item in a batch; before, an item's near-copy targets "
             "were in-batch negatives and QuARI lost 3.7 R@1 to zero-shot, TA 1.5).",
+    "world-ilias": "Instance retrieval (QuARI's ILIAS setting on the world): the query is one rendering of a "
+                   "scene, its positives the scene's other renderings (other styles, jittered layout, lighting, "
+                   "sometimes a small extra object); the distractors include two near-duplicates of every "
+                   "instance (one object's colour or shape changed). QuARI and TA learn on the train split's "
+                   "instances (rendering → the instance's other renderings), disjoint from the test instances.",
+    "world-ilias-100k": "The same queries and checkpoints as world-ilias, among 100k gallery images "
+                        "(random scenes fill the gallery).",
+    "world-ilias-val": "Validation (300 instances never trained on, 1.5k gallery): picks the epoch budget.",
+    "world-inquire-val": "Validation (the val template, sizes, never trained on; 4k gallery): picks the epoch "
+                         "budget.",
+    "world-inquire": "Many-positive text queries (QuARI's INQUIRE setting on the world): relevant sets come "
+                     "from the scene graphs. QuARI and TA learn from the train templates' queries and their "
+                     "relevant train-gallery images (at most 64 per query) and are tested on templates they "
+                     "never saw (counts and positions) over a gallery of new scenes.",
 }
 
 
+def _legacy(a: dict) -> dict:
+    """Results written before the headline metric was named (R@1 throughout)."""
+    if "metric" in a:
+        return a
+    return {**a, "metric": "R@1", "per_seed": a.get("r1_per_seed", {}), "sd": a.get("r1_sd", {}),
+            "quari_gain": a["quari_gain_r1"], "ablation_minus_full": a.get("ablation_minus_full_r1", {})}
+
+
+ACCURACY = ("world", "world-pixel", "coco", "world-ilias-val", "world-ilias", "world-ilias-100k", "world-inquire-val",
+            "world-inquire")
+
+
 def render_md(data: dict) -> str:
-    md = ["# QuARI (issue 7)", ""]
-    for key in ("accuracy_world", "accuracy_world-pixel", "accuracy_coco"):
-        if key not in data:
-            continue
-        a = data[key]
-        seeds = a.get("seeds", [0])
+    md = ["# QuARI (issues 7, 21)", ""]
+    testbed_of = lambda k: re.sub(r"-e\d+(-lr[^-]+)?(-b\d+)?$", "", k[len("accuracy_"):])  # noqa: E731
+    keys = sorted((k for k in data if k.startswith("accuracy_")), key=lambda k: (ACCURACY.index(testbed_of(k)), k))
+    for key in keys:
+        testbed = testbed_of(key)
+        a = _legacy(data[key])
+        seeds, head = a.get("seeds", [0]), a["metric"]
         md += [f"## Accuracy — {a['testbed']}", "",
-               f"`.venv/bin/python bench/bench_quari.py accuracy --testbed {key.split('_')[1]} --epochs {a['epochs']}"
-               f" --seeds {','.join(map(str, seeds))}` (hypernetwork {a['model']}, batch {a.get('batch_size')}, "
+               f"`.venv/bin/python bench/bench_quari.py accuracy --testbed {testbed} --epochs {a['epochs']}"
+               f" --seeds {','.join(map(str, seeds))}"
+               + (f" --lr {a['lr']:g}" if a.get("lr", LR) != LR else "")
+               + (f" --batch {a['batch_size']}" if a.get("batch_size", BATCH) != BATCH else "")
+               + (f" --variants {','.join(m for m in a['rows'] if m in VARIANTS)}"
+                  if not set(VARIANTS) <= set(a["rows"]) else "")
+               + f"` (hypernetwork {a['model']}, batch {a.get('batch_size')}, "
                f"lr {a.get('lr')}; metrics are means over {len(seeds)} training seed(s))", ""]
-        cols = ["R@1", "R@5", "R@10", "mAP@10", "nDCG@10", "MRR"]
-        extra = ["R@1 sd", "R@1 per seed"] if len(seeds) > 1 else []
-        rows = [{"method": k, **{c: v[c] * (100 if c == "MRR" else 1) for c in cols},
-                 "R@1 sd": a.get("r1_sd", {}).get(k, 0.0),
-                 "R@1 per seed": " ".join(f"{x:.2f}" for x in a.get("r1_per_seed", {}).get(k, [])),
-                 "train s": a["train_seconds"].get(k, 0.0)} for k, v in a["rows"].items()]
-        gaps = a.get("ablation_minus_full_r1", {})
+        if testbed in K_MAP:
+            k = K_MAP[testbed]
+            cols = [f"mAP@{k}", f"nDCG@{k}", "MRR", "R@1", "R@10"]
+        else:
+            cols = ["R@1", "R@5", "R@10", "mAP@10", "nDCG@10", "MRR"]
+        extra = [f"{head} sd", f"{head} per seed"] if len(seeds) > 1 else []
+        rows = [{"method": m, **{c: v[c] * (100 if c == "MRR" else 1) for c in cols},
+                 f"{head} sd": a["sd"].get(m, 0.0),
+                 f"{head} per seed": " ".join(f"{x:.2f}" for x in a["per_seed"].get(m, [])),
+                 "train s": a["train_seconds"].get(m, 0.0)} for m, v in a["rows"].items()]
+        gaps = a["ablation_minus_full"]
         md += [md_table(rows, ["method", *cols, *extra, "train s"],
-                        {c: ".2f" for c in [*cols, "R@1 sd", "train s"]}), "",
-               f"QuARI − zero-shot: {a['quari_gain_r1']:+.2f} R@1. Ablation − full QuARI (R@1, paired by seed): "
+                        {c: ".2f" for c in [*cols, f"{head} sd", "train s"]}), "",
+               f"QuARI − zero-shot: {a['quari_gain']:+.2f} {head}. Ablation − full QuARI ({head}, paired by seed): "
                + ", ".join(f"{k}: {g['mean']:+.2f}" + (f" ± {g['sd']:.2f}" if len(seeds) > 1 else "")
                            for k, g in gaps.items()), "",
-               NOTES[key.split("_", 1)[1]], ""]
+               NOTES[testbed], ""]
+        if "full_search" in a:
+            fs = a["full_search"]
+            md += [f"Full search with seed 0's QuARI over the {fs['gallery']:,}-image gallery ({fs['queries']} "
+                   f"queries, top-{fs['k']}; w = Tᵀq' through FAISS, over-fetched and re-scored exactly):", "",
+                   md_table(fs["rows"], list(fs["rows"][0]),
+                            {c: ".3f" if c.startswith("recall") else ".1f" for c in fs["rows"][0]
+                             if c not in ("index", "nprobe", "overfetch")}), ""]
     if "latency" in data:
         lat = data["latency"]
         md += [f"## Latency (E={lat['E']}, r={lat['r']}, top-{lat['k']} re-rank, {lat['threads']} threads)", "",
@@ -269,29 +420,75 @@ def render_md(data: dict) -> str:
     return "\n".join(md)
 
 
+PROTOCOL_PLOT = "quari_protocols.png"
+
+
+def plot_protocols(data: dict, path: Path) -> bool:
+    """Bars of the headline metric (mean ± sd over seeds) per method on the protocol test
+    beds; False when none has results yet."""
+    beds = [t for t in ("world-ilias", "world-ilias-100k", "world-inquire") if f"accuracy_{t}" in data]
+    if not beds:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qshift.io import atomic_path
+
+    fig, axes = plt.subplots(1, len(beds), figsize=(4.8 * len(beds), 4.2), squeeze=False)
+    for ax, bed in zip(axes[0], beds):
+        a = data[f"accuracy_{bed}"]
+        names = list(a["rows"])
+        means = [a["rows"][m][a["metric"]] for m in names]
+        sds = [a["sd"].get(m, 0.0) for m in names]
+        colors = ["#888" if m in ("zero-shot", "TA") else "#3a7" if m.startswith("QuARI") or m.startswith("TA +")
+                  else "#c84" for m in names]
+        ax.barh(range(len(names)), means, xerr=sds, color=colors)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(a["rows"]["zero-shot"][a["metric"]], color="k", lw=0.8, ls="--")
+        ax.set_xlabel(f"{a['metric']} (mean ± sd, {len(a['seeds'])} seeds)")
+        ax.set_title(bed, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["accuracy", "latency"])
-    ap.add_argument("--testbed", choices=["world", "world-pixel", "coco"], default="world")
+    ap.add_argument("--testbed", choices=list(ACCURACY), default="world")
     ap.add_argument("--encoder")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--seeds", default="0", help="training seeds, comma-separated (e.g. 0,1,2)")
     ap.add_argument("--no-write", action="store_true",
                     help="train and print only (e.g. one seed per process); a later run over all seeds writes")
+    ap.add_argument("--lr", type=float, default=LR)
+    ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--variants", help="QuARI variants to train, comma-separated (default: all)")
     ap.add_argument("--gallery", type=int, default=1_000_000)
     args = ap.parse_args()
     if args.what == "accuracy":
         seeds = [int(x) for x in args.seeds.split(",")]
-        key, part = f"accuracy_{args.testbed}", bench_accuracy(args.testbed, args.encoder, args.epochs, seeds)
+        tag = budget_tag(args.epochs, args.lr, args.batch)
+        key = f"accuracy_{args.testbed}" + (tag if args.testbed.endswith("-val") else "")
+        part = bench_accuracy(args.testbed, args.encoder, args.epochs, seeds, args.lr, args.batch,
+                              args.variants.split(",") if args.variants else None)
         if args.no_write:
-            print(json.dumps(part["r1_per_seed"], indent=1))
+            print(json.dumps(part["per_seed"], indent=1))
             return
     else:
         key, part = "latency", bench_latency(n_gallery=args.gallery)
     data = previous_results("quari")  # read after the run: another part may have finished meanwhile
     data[key] = part
-    write_results("quari", data, render_md(data))
-    print(render_md(data))
+    md = render_md(data)
+    if plot_protocols(data, RESULTS / PROTOCOL_PLOT):
+        md += f"\n![QuARI on its own protocols]({PROTOCOL_PLOT})\n"
+    write_results("quari", data, md)
+    print(md)
 
 
 if __name__ == "__main__":
