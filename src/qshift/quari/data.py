@@ -111,7 +111,7 @@ def protocol_pairs(collection: Collection, encoder: Encoder, store: EmbeddingSto
                        [[q["text"]] for q in queries])
     text = store.encode(encoder, qcoll, TEXT, progress=progress)
     rng = np.random.default_rng(seed)
-    tgt_rows, target_of, groups = [], [], []
+    tgt_rows, groups = [], []
     for i, q in enumerate(queries):
         pos = np.asarray(q["positives"], dtype=np.int64)
         if len(pos) > max_positives:
