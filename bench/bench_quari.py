@@ -181,6 +181,12 @@ def _accuracy_one_seed(enc, pairs, task, run_dir: Path, epochs: int, seed: int, 
     return rows, train_seconds
 
 
+def encoder_tag(testbed: str, encoder: str | None) -> str:
+    """``@world:lit-minilm`` for a protocol testbed run with another encoder than its default
+    (in result keys and run folders, so that each encoder keeps its own checkpoints)."""
+    return f"@{encoder}" if testbed in K_MAP and encoder not in (None, "world:mini-clip") else ""
+
+
 def budget_tag(epochs: int, lr: float = LR, batch: int = BATCH) -> str:
     """The training budget's tag in run folders and val result keys: -e30[-lr0.003][-b32]."""
     return f"-e{epochs}" + (f"-lr{lr:g}" if lr != LR else "") + (f"-b{batch}" if batch != BATCH else "")
@@ -192,7 +198,7 @@ def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[i
     and the headline metric per seed with the ablations' paired differences to full QuARI
     (the seed spread decides what is a gap)."""
     enc, pairs, task, desc = _testbed(testbed, encoder)
-    run_dir = RUNS / f"quari-{TRAIN_SET.get(testbed, testbed)}"
+    run_dir = RUNS / f"quari-{TRAIN_SET.get(testbed, testbed)}{encoder_tag(testbed, encoder)}"
     if testbed in K_MAP:                    # one folder per budget (the val testbeds compare them)
         run_dir = run_dir.with_name(run_dir.name + budget_tag(epochs, lr, batch))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -364,7 +370,7 @@ ACCURACY = ("world", "world-pixel", "coco", "world-ilias-val", "world-ilias", "w
 
 def render_md(data: dict) -> str:
     md = ["# QuARI (issues 7, 21)", ""]
-    testbed_of = lambda k: re.sub(r"-e\d+(-lr[^-]+)?(-b\d+)?$", "", k[len("accuracy_"):])  # noqa: E731
+    testbed_of = lambda k: re.sub(r"-e\d+(-lr[^-]+)?(-b\d+)?$", "", k[len("accuracy_"):].split("@")[0])  # noqa: E731
     keys = sorted((k for k in data if k.startswith("accuracy_")), key=lambda k: (ACCURACY.index(testbed_of(k)), k))
     for key in keys:
         testbed = testbed_of(key)
@@ -373,6 +379,7 @@ def render_md(data: dict) -> str:
         md += [f"## Accuracy — {a['testbed']}", "",
                f"`.venv/bin/python bench/bench_quari.py accuracy --testbed {testbed} --epochs {a['epochs']}"
                f" --seeds {','.join(map(str, seeds))}"
+               + (f" --encoder {key.split('@', 1)[1]}" if "@" in key else "")
                + (f" --lr {a['lr']:g}" if a.get("lr", LR) != LR else "")
                + (f" --batch {a['batch_size']}" if a.get("batch_size", BATCH) != BATCH else "")
                + (f" --variants {','.join(m for m in a['rows'] if m in VARIANTS)}"
@@ -474,7 +481,8 @@ def main() -> None:
     if args.what == "accuracy":
         seeds = [int(x) for x in args.seeds.split(",")]
         tag = budget_tag(args.epochs, args.lr, args.batch)
-        key = f"accuracy_{args.testbed}" + (tag if args.testbed.endswith("-val") else "")
+        key = (f"accuracy_{args.testbed}" + (tag if args.testbed.endswith("-val") else "")
+               + encoder_tag(args.testbed, args.encoder))
         part = bench_accuracy(args.testbed, args.encoder, args.epochs, seeds, args.lr, args.batch,
                               args.variants.split(",") if args.variants else None)
         if args.no_write:
