@@ -92,14 +92,10 @@ def protocol_task(collection: Collection, encoder: Encoder, direction: str, stor
     """The task of a World-ILIAS (i2i: renderings of one instance are each other's
     positives) or World-INQUIRE (t2i: template queries with their relevant images)
     collection (:mod:`qshift.world.protocols`)."""
-    from qshift.world.protocols import images_hash
+    from qshift.world.protocols import DIRECTION, checked_protocol
 
-    p = collection.meta["protocol"]
-    if collection.image_paths is None or p.get("images") != images_hash([str(x) for x in collection.image_paths],
-                                                                        p.get("seed", 0)):
-        raise InputError(f"{collection.source}: its protocol file was written for other renderings (another world "
-                         "seed or build); rebuild the protocol set")
-    expected = {"ilias": "i2i", "inquire": "t2i"}[p["kind"]]
+    p = checked_protocol(collection)
+    expected = DIRECTION[p["kind"]]
     if direction != expected:
         raise InputError(f"{collection.name}: a world-{p['kind']} collection is searched {expected}, not {direction}")
     image = store.encode(encoder, collection, IMAGE, progress=progress)

@@ -65,7 +65,9 @@ def pairs_and_groups(collection: Collection, encoder: Encoder, direction: str, s
     """(queries, targets, target_of, groups) of any training collection: a protocol set's
     pairs (its own direction), or a caption collection's ``direction`` pairs."""
     if "protocol" in collection.meta:
-        expected = {"ilias": "i2i", "inquire": "t2i"}.get(collection.meta["protocol"].get("kind"))
+        from qshift.world.protocols import DIRECTION
+
+        expected = DIRECTION.get(collection.meta["protocol"].get("kind"))
         if direction != expected:
             raise InputError(f"{collection.name}: a world-{collection.meta['protocol'].get('kind')} set trains "
                              f"{expected}, not {direction}")
@@ -77,14 +79,9 @@ def protocol_pairs(collection: Collection, encoder: Encoder, store: EmbeddingSto
                    seed: int = 0, progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(queries, targets, target_of, groups) of a World-ILIAS or World-INQUIRE training set
     (a collection with ``meta['protocol']``, see :mod:`qshift.world.protocols`)."""
-    from qshift.world.protocols import images_hash
+    from qshift.world.protocols import checked_protocol
 
-    p = collection.meta.get("protocol")
-    if not p or p.get("kind") not in ("ilias", "inquire"):
-        raise InputError(f"{collection.name}: not a world-ilias / world-inquire collection")
-    if collection.image_paths is None or p.get("images") != images_hash([str(x) for x in collection.image_paths],
-                                                                        p.get("seed", 0)):
-        raise InputError(f"{collection.source}: its protocol file was written for other renderings; rebuild it")
+    p = checked_protocol(collection)
     if max_positives < 1:
         raise InputError(f"quari: max_positives must be >= 1, got {max_positives}")
     image = store.encode(encoder, collection, IMAGE, progress=progress)

@@ -241,6 +241,23 @@ def build_inquire(root: Path, split: str, gallery: int | None = None, *, seed: i
                                     "templates": sorted({q["template"] for q in queries})})
 
 
+# the direction each protocol is searched (and trained) in
+DIRECTION = {"ilias": "i2i", "inquire": "t2i"}
+
+
+def checked_protocol(collection: Any) -> dict:
+    """The protocol of a world-ilias / world-inquire collection, refused when it belongs to
+    other renderings (another world seed or build)."""
+    p = collection.meta.get("protocol")
+    if not p or p.get("kind") not in DIRECTION:
+        raise InputError(f"{collection.name}: not a world-ilias / world-inquire collection")
+    if collection.image_paths is None or p.get("images") != images_hash([str(x) for x in collection.image_paths],
+                                                                        p.get("seed", 0)):
+        raise InputError(f"{collection.source}: its protocol file was written for other renderings (another world "
+                         "seed or build); rebuild the protocol set")
+    return p
+
+
 def images_hash(names: list[str], seed: int) -> str:
     """What a protocol file belongs to: its images (by file name) and the world seed."""
     from qshift.io import stable_hash
