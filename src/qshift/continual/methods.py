@@ -459,12 +459,14 @@ class DAR(Learner):
 
     @torch.no_grad()
     def _held_r1(self, held: Domain) -> float:
-        """R@1 (mean of T2I and I2T) on held-out training pairs with the adapter being trained."""
+        """R@1 (mean of T2I and I2T, as the protocol scores it) on held-out training pairs
+        with the adapter being trained."""
+        from qshift.continual.protocol import recall
+
         img = torch.cat([self.image_features(held.pixels[s:s + 256]) for s in range(0, len(held.pixels), 256)])
-        sims = held.captions.float() @ img.T                                   # C × N
-        t2i = (sims.argmax(1).numpy() == held.caption_item).mean()
-        i2t = (held.caption_item[sims.argmax(0).numpy()] == np.arange(len(img))).mean()
-        return float(50.0 * (t2i + i2t))
+        t = {"captions": held.captions.float().numpy(), "caption_item": held.caption_item,
+             "item_captions": [np.flatnonzero(held.caption_item == i) for i in range(len(img))]}
+        return float(recall(img.numpy(), t)["R@1"])
 
     @torch.no_grad()
     def embed(self, pixels: torch.Tensor, batch: int = 256) -> np.ndarray:

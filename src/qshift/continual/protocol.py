@@ -160,8 +160,9 @@ def recall(images: np.ndarray, t: dict) -> dict:
     out = {}
     for direction, q, g, qrels in (("t2i", t["captions"], images, Qrels.from_labels(t["caption_item"])),
                                    ("i2t", images, t["captions"], Qrels.from_lists(t["item_captions"]))):
-        labels, ranks = top_k_and_ranks(q @ g.T, qrels, 10)
-        m = retrieval_metrics(labels, qrels, (1, 5, 10), k_map=10, full_ranks=ranks)
+        k = min(10, len(g))  # a gallery under 10 (a held-out slice): R@K from the full ranks
+        labels, ranks = top_k_and_ranks(q @ g.T, qrels, k)
+        m = retrieval_metrics(labels, qrels, (1, 5, 10), k_map=k, full_ranks=ranks)
         out[direction] = {k: m[k] for k in ("R@1", "R@5", "R@10")}
     out["R@1"] = (out["t2i"]["R@1"] + out["i2t"]["R@1"]) / 2
     return out
