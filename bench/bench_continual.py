@@ -37,8 +37,8 @@ def routing_costs(cfg, out: Path) -> dict:  # noqa: ANN001 - a ContinualConfig
 
     enc = create_encoder(cfg.encoder)
     # the settings of the config's (first) DAR entry: its adapter kind sets the size and cost
-    over = next((cfg.method_entry(m)[2] for m in cfg.methods if cfg.method_entry(m)[1] == "dar"), {})
-    dar = DAR(enc, TrainSettings(**{**cfg.settings, **over}))
+    over = next((o for _, base, o in map(cfg.method_entry, cfg.methods) if base == "dar"), {})
+    dar = DAR(enc, TrainSettings.from_dict({**cfg.settings, **over}))
     data = DomainSet(cfg, enc, EmbeddingStore(cache_dir() / "store"))
     for spec in cfg.domains:
         d = data.training(spec)

@@ -85,7 +85,7 @@ def _protocol_testbed(name: str, encoder: str | None, store):
     pairs = protocol_pairs(train, enc, store)
     test = protocol_collection(test_spec, progress=True)
     task = build_task(test, enc, direction, store)
-    what = (f"{int((np.asarray(train.meta['protocol']['instance']) >= 0).sum() // 4)} instances"
+    what = (f"{len({i for i in train.meta['protocol']['instance'] if i >= 0})} instances"
             if kind == "ilias" else f"{len(train.meta['protocol']['queries'])} queries of templates "
             f"{', '.join(train.meta['protocol']['templates'])}")
     test_what = ("" if kind == "ilias" else
