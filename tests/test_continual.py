@@ -217,6 +217,10 @@ def test_bad_configs(tmp_path):
         ContinualConfig(name="x", methods=[{"method": "dar", "settings": {"adaptr": "norm"}}])
     with pytest.raises(InputError, match="adapter must be bottleneck or norm"):
         ContinualConfig(name="x", settings={"adapter": "lora"})
+    with pytest.raises(InputError, match="held_out must be in \\[0, 1\\)"):
+        ContinualConfig(name="x", methods=[{"method": "dar", "settings": {"held_out": 1.0}}])
+    with pytest.raises(InputError, match="ood_quantile must be in"):
+        ContinualConfig(name="x", settings={"ood_quantile": -0.1})
     f = tmp_path / "c.yaml"
     f.write_text("name: x\ndomians: [flat]\n")
     with pytest.raises(InputError, match="unknown keys"):

@@ -68,6 +68,8 @@ class TrainSettings:
             raise InputError(f"continual: adapter must be bottleneck or norm, got {self.adapter!r}")
         if not 0 <= self.held_out < 1:
             raise InputError(f"continual: held_out must be in [0, 1), got {self.held_out}")
+        if not 0 <= self.ood_quantile < 1:  # checked here too, so a config fails before any training
+            raise InputError(f"continual: ood_quantile must be in [0, 1), got {self.ood_quantile}")
 
     @staticmethod
     def from_dict(d: dict) -> "TrainSettings":
