@@ -65,6 +65,9 @@ def repair_methods(vocab: object) -> list:
         for beta in (4, 16):  # sharper weights: the more confident version dominates
             out.append({"label": f"spell + fusion {conf} beta {beta} min_cos 0",
                         "pipeline": [{"refine": {"spell": spell, "confidence": conf, "beta": beta, "min_cos": 0.0}}]})
+        # the gain gate: the repair counts only where it is more confident than the original
+        out.append({"label": f"spell + fusion {conf} gain-gate min_cos 0",
+                    "pipeline": [{"refine": {"spell": spell, "confidence": conf, "gate": "gain", "min_cos": 0.0}}]})
     for cost in (1.5, 3.5):
         out.append({"label": f"spell edit_cost {cost:g} + fusion top1",
                     "pipeline": [{"refine": {"spell": {**spell, "edit_cost": cost}, "min_cos": 0.3}}]})

@@ -52,15 +52,20 @@ def test_guards(orig, rew, why):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.floats(0.25, 4), st.floats(0, 1))
-def test_repair_weight_bounds_and_monotonicity(c_o, c_r, d, beta, w_max):
-    w = float(repair_weight(np.array([c_o]), np.array([c_r]), beta, w_max)[0])
+@given(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.floats(0.25, 4), st.floats(0, 1),
+       st.sampled_from(["none", "gain"]))
+def test_repair_weight_bounds_and_monotonicity(c_o, c_r, d, beta, w_max, gate):
+    w = float(repair_weight(np.array([c_o]), np.array([c_r]), beta, w_max, gate)[0])
     assert 0 <= w <= w_max + 1e-12
-    up = float(repair_weight(np.array([c_o]), np.array([min(1, c_r + d)]), beta, w_max)[0])
-    down = float(repair_weight(np.array([min(1, c_o + d)]), np.array([c_r]), beta, w_max)[0])
+    up = float(repair_weight(np.array([c_o]), np.array([min(1, c_r + d)]), beta, w_max, gate)[0])
+    down = float(repair_weight(np.array([min(1, c_o + d)]), np.array([c_r]), beta, w_max, gate)[0])
     assert up >= w - 1e-12 and down <= w + 1e-12  # grows with the repair's confidence, falls with the original's
     if c_o == 1.0:
         assert w <= w_max / 2 + 1e-12  # a fully confident original is never outweighed
+    if gate == "gain" and c_r <= c_o:
+        assert w == 0.0  # only a repair more confident than the original counts
+    if gate == "gain" and c_r > c_o and w_max > 0 and beta == 1.0:
+        assert w > w_max / 2 - 1e-12  # …and then it outweighs the original
 
 
 def test_confidences_are_in_range():
@@ -164,6 +169,7 @@ def test_long_empty_and_odd_queries(words):
     ({"confidnce": "top1"}, "unknown option 'confidnce'"),
     ({"mode": "replace", "beta": 2}, "fusion options; mode replace has none"),
     ({"confidence": "median"}, "confidence must be one of"),
+    ({"gate": "always"}, "gate must be one of none, gain"),
     ({"fallback": [{"nope": {}}]}, "unknown refine backend 'nope'"),
     ({"fallback": {"openai": {"urll": 1}}}, "refine fallback 'openai': unknown option 'urll'"),
 ])
@@ -298,3 +304,27 @@ def test_fusion_survives_an_adapt_stage(tiny_clip):
         both = pipe.score(noisy)
     assert res[0].meta["refine"]["fusion_weight"] > 0
     assert not np.allclose(both, adapted_only, atol=1e-4)
+
+
+def test_gain_gate_keeps_the_original_when_the_repair_is_less_sure():
+    from types import SimpleNamespace
+
+    from qshift.refine.fusion import ConfidenceFusion
+
+    g = np.eye(4, dtype=np.float32)
+    sure, unsure = np.array([0.99, 0.14, 0, 0], np.float32), np.array([0.75, 0.66, 0, 0], np.float32)
+    sure, unsure = sure / np.linalg.norm(sure), unsure / np.linalg.norm(unsure)
+    ctx = SimpleNamespace(gallery_vectors=lambda: g, encoder=SimpleNamespace())
+
+    def run(gate, orig, rep):
+        batch = SimpleNamespace(embeddings=orig[None].copy(), view_embeddings={"repaired": rep[None]},
+                                queries=["a dgo"], views={"repaired": ["a dog"]}, meta=[{}])
+        ConfidenceFusion(gate=gate, min_cos=0.0, temperature=0.05)(batch, ctx)
+        return batch.meta[0]["refine"]["fusion_weight"], batch.embeddings[0]
+
+    w, e = run("gain", sure, unsure)  # the repair is less confident: the original stays
+    assert w == 0.0 and np.allclose(e, sure)
+    w, _ = run("none", sure, unsure)
+    assert 0 < w < 0.5
+    w, _ = run("gain", unsure, sure)  # more confident: it outweighs the original
+    assert w > 0.5

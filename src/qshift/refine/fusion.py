@@ -11,6 +11,10 @@ that prevents semantic drift. qshift's reading, every choice an option:
   repair's confidence c_r and falls with the original's c_o, is ½·w_max when both are
   equally sure, and never exceeds ½·w_max when the original is fully confident
   (c_o = 1 ≥ c_r), so a confident original is not overridden.
+* **Gate** (``gate``, reconstruction): ``none`` uses w as above; ``gain`` sets w = 0
+  unless the repair is more confident than the original (c_r > c_o) — the repair must
+  earn its place, which protects queries whose rare but correct words a corrector
+  "fixes". Both keep identity, bounds and monotonicity; validation picks.
 * **Fused query** = normalise((1 − w)·e_o + w·e_r). For dot-product ranking this is
   also the fusion of the two score rows ((1 − w)·s_o + w·s_r, up to a per-query scale
   that does not change the ranking), and it keeps adapt/transform stages downstream.
@@ -27,6 +31,7 @@ import numpy as np
 from qshift.errors import InputError
 
 CONFIDENCES = ("top1", "margin", "entropy")
+GATES = ("none", "gain")
 
 
 def confidence(emb: np.ndarray, gallery: np.ndarray, kind: str = "top1", temperature: float = 0.05) -> np.ndarray:
@@ -47,12 +52,17 @@ def confidence(emb: np.ndarray, gallery: np.ndarray, kind: str = "top1", tempera
     raise InputError(f"fusion: confidence must be one of {', '.join(CONFIDENCES)}, got {kind!r}")
 
 
-def repair_weight(c_orig: np.ndarray, c_rep: np.ndarray, beta: float = 1.0, w_max: float = 1.0) -> np.ndarray:
-    """w = w_max · c_r^β / (c_r^β + c_o^β) (½·w_max when both are zero)."""
+def repair_weight(c_orig: np.ndarray, c_rep: np.ndarray, beta: float = 1.0, w_max: float = 1.0,
+                  gate: str = "none") -> np.ndarray:
+    """w = w_max · c_r^β / (c_r^β + c_o^β) (½·w_max when both are zero); with
+    ``gate="gain"``, 0 wherever c_r ≤ c_o."""
+    if gate not in GATES:
+        raise InputError(f"fusion: gate must be one of {', '.join(GATES)}, got {gate!r}")
     a = np.power(np.clip(c_rep, 0, 1), beta)
     b = np.power(np.clip(c_orig, 0, 1), beta)
     den = a + b
-    return w_max * np.where(den > 0, a / np.where(den > 0, den, 1), 0.5)
+    w = w_max * np.where(den > 0, a / np.where(den > 0, den, 1), 0.5)
+    return np.where(np.asarray(c_rep) > np.asarray(c_orig), w, 0.0) if gate == "gain" else w
 
 
 @dataclass
@@ -64,6 +74,7 @@ class ConfidenceFusion:
     beta: float = 1.0
     w_max: float = 1.0
     min_cos: float = 0.5
+    gate: str = "none"
     view: str = "repaired"
 
     def __post_init__(self) -> None:
@@ -71,6 +82,8 @@ class ConfidenceFusion:
             raise InputError(f"fusion: confidence must be one of {', '.join(CONFIDENCES)}, got {self.confidence!r}")
         if not 0 <= self.w_max <= 1:
             raise InputError(f"fusion: w_max must be in [0, 1], got {self.w_max}")
+        if self.gate not in GATES:
+            raise InputError(f"fusion: gate must be one of {', '.join(GATES)}, got {self.gate!r}")
         if self.beta <= 0:
             raise InputError(f"fusion: beta must be > 0, got {self.beta}")
         if self.temperature is not None and self.temperature <= 0:
@@ -85,7 +98,7 @@ class ConfidenceFusion:
         tau = self.temperature or getattr(ctx.encoder, "temperature", lambda: None)() or 0.05
         c_o = confidence(e_o, g, self.confidence, tau)
         c_r = confidence(e_r, g, self.confidence, tau)
-        w = repair_weight(c_o, c_r, self.beta, self.w_max)
+        w = repair_weight(c_o, c_r, self.beta, self.w_max, self.gate)
         same = np.array([a == b for a, b in zip(batch.queries, batch.views[self.view])])
         cos = (e_o * e_r).sum(1)
         drift = cos < self.min_cos
