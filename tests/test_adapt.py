@@ -66,7 +66,8 @@ def test_select_params_modes(clip):
 
 @pytest.mark.parametrize("kw, msg", [({"lr": 0}, "lr"), ({"lr": 2.0}, "lr"), ({"steps": 0}, "steps"),
                                      ({"steps": 1000}, "steps"), ({"batch_size": 0}, "batch_size"),
-                                     ({"candidates": "all"}, "candidates"), ({"temperature": 0}, "temperature")])
+                                     ({"candidates": "all"}, "candidates"), ({"temperature": 0}, "temperature"),
+                                     ({"rank_with": "before"}, "rank_with")])
 def test_config_ranges(kw, msg):
     with pytest.raises(InputError, match=msg):
         AdaptConfig(**kw)
@@ -170,6 +171,36 @@ def test_episodic_mode_resets_each_batch(clip):
     assert np.allclose(first, again, atol=1e-5)  # same start each batch → same result
     with _pipeline(clip, g, "tent", batch_size=8, lr=1e-2) as pipe:  # continual: the second pass differs
         assert not np.allclose(pipe.score(TEXTS[:8]), pipe.score(TEXTS[:8]), atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_rank_with_picks_the_embeddings_that_rank(clip, steps):
+    """``updated`` ranks with the tower after the batch's last update, ``last-step`` with
+    the last step's own forward (before that update): Tent's and TCR's reference order."""
+    g = _gallery(clip)
+    out = {}
+    for mode in ("updated", "last-step"):
+        a = create_adapter(clip, g, "t2i", "tent", batch_size=16, steps=steps, lr=1e-2, rank_with=mode,
+                           reset_on_collapse=False)
+        seen = []
+        update = a.objective.update
+
+        def record(adapter, batch, loss, step, update=update, seen=seen):
+            seen.append(adapter.embed(TEXTS[:16]))  # the tower right before this step's update
+            update(adapter, batch, loss, step)
+
+        a.objective.update = record
+        q = a.adapt(TEXTS[:16])
+        after = a.embed(TEXTS[:16])
+        a.close()
+        assert len(seen) == steps
+        out[mode] = (q, seen[-1], after)
+    q, _, after = out["updated"]
+    assert np.allclose(q, after, atol=1e-5)
+    q, before_last, after = out["last-step"]
+    assert np.allclose(q, before_last, atol=1e-5) and not np.allclose(q, after, atol=1e-4)
+    if steps == 1:  # one step: the batch is ranked by the frozen tower
+        assert np.allclose(q, clip.encode_text(TEXTS[:16]), atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["tent", "tcr", "rest", "eata"])

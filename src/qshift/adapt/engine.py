@@ -20,6 +20,11 @@ candidates come from the gallery —
 * ``auto``: ``batch-nn`` for batches of ≥ 8 queries, else ``topk`` (a 1 × 1 prediction
   carries no signal).
 
+**Ranking** (``rank_with``): ``updated`` embeds the batch once more after its last
+update; ``last-step`` ranks with the embeddings of the last step's own forward (taken
+before that step's update), as the reference implementations of Tent and TCR do — one
+forward less per batch, with the batch ranked by the model as of ``steps − 1`` updates.
+
 Safety: a non-finite loss, parameter or embedding resets the tower to its initial state
 with a warning and the batch keeps the frozen model's embeddings — never NaN.
 ``episodic`` resets after every batch; ``reset_on_collapse`` resets when the spread of
@@ -50,6 +55,7 @@ from qshift.registry import Registry
 
 CANDIDATES = ("auto", "batch-nn", "topk", "gallery")
 NORM_STATS = ("running", "batch", "blend")
+RANK_WITH = ("updated", "last-step")
 # the trained temperature assumed for encoders that have none (sentence-transformers), so
 # that the default τ (2 ×) is 0.05
 UNTRAINED_TEMPERATURE = 0.025
@@ -70,6 +76,7 @@ class AdaptConfig:
     norm_prior: float = 16.0      # blend: weight of the running statistics, in samples
     candidates: str = "auto"
     topk: int = 16
+    rank_with: str = "updated"    # updated: one more forward after the last update | last-step: Tent/TCR's
     episodic: bool = False
     reset_on_collapse: bool = True
     collapse_ratio: float = 0.25
@@ -94,6 +101,8 @@ class AdaptConfig:
             raise InputError(f"adapt: candidates must be one of {', '.join(CANDIDATES)}, got {self.candidates!r}")
         if self.topk < 2:
             raise InputError(f"adapt: topk must be >= 2, got {self.topk}")
+        if self.rank_with not in RANK_WITH:
+            raise InputError(f"adapt: rank_with must be one of {', '.join(RANK_WITH)}, got {self.rank_with!r}")
         if self.weight_decay < 0:
             raise InputError(f"adapt: weight_decay must be >= 0, got {self.weight_decay}")
 
@@ -263,8 +272,9 @@ class Adapter:
 
     # -- the online loop ----------------------------------------------------------------
     def step(self, batch: Batch, q0: torch.Tensor | None = None) -> torch.Tensor:
-        """Adapt on one batch, then embed it with the adapted tower (B × d, no graph).
-        ``q0``: the frozen model's embeddings of the batch, when the caller has them."""
+        """Adapt on one batch and return its embeddings for ranking (B × d, no graph; see
+        ``rank_with``). ``q0``: the frozen model's embeddings of the batch, when the caller
+        has them (the pipeline's encode stage does; otherwise one more forward)."""
         if self.cfg.episodic:
             self.reset()
         self.tower.eval()  # no dropout; BatchNorm statistics as ``norm_stats`` says
@@ -276,9 +286,11 @@ class Adapter:
         if self._spread0 is None and len(q0) > 1:
             self._spread0 = float((q0 - q0.mean(0)).norm(dim=1).mean())
         diverged = False
+        last = None  # the embeddings of the last step's forward, before its update
         for step in range(self.cfg.steps):
             with torch.enable_grad():
                 pred = self.predict(self.forward(batch.inputs))
+                last = pred.q.detach()
                 self.objective.learned = None
                 loss = self.objective.loss(self, batch, pred, step)
                 if step == 0:
@@ -292,8 +304,11 @@ class Adapter:
             if not all(torch.isfinite(p).all() for p in self.params):
                 diverged = True
                 break
-        with torch.no_grad():
-            q = self.forward(batch.inputs)
+        if self.cfg.rank_with == "last-step" and last is not None:
+            q = last  # as Tent's and TCR's reference code rank: no forward after the last update
+        else:
+            with torch.no_grad():
+                q = self.forward(batch.inputs)
         if diverged or not torch.isfinite(q).all():
             self.stats["divergences"] += 1
             warnings.warn(f"adapt ({self.objective.name}): diverged on batch {batch.index}; reset to the frozen "
