@@ -24,6 +24,9 @@ candidates come from the gallery —
 update; ``last-step`` ranks with the embeddings of the last step's own forward (taken
 before that step's update), as the reference implementations of Tent and TCR do — one
 forward less per batch, with the batch ranked by the model as of ``steps − 1`` updates.
+On world val (bench/configs/tta-world-t2i-rank-tune.yaml, each method at its val pick)
+``updated`` was ahead — TCR +1.94 vs +1.90, Tent +1.71 vs +1.50, READ +1.48 vs +1.45
+R@1 over zero-shot — so it stays the default.
 
 Safety: a non-finite loss, parameter or embedding resets the tower to its initial state
 with a warning and the batch keeps the frozen model's embeddings — never NaN.
