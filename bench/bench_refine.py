@@ -2,7 +2,9 @@
 combined with REST, through the benchmark runner.
 
     .venv/bin/python bench/bench_refine.py grid --config bench/configs/reex-coco-t2t.yaml
-    .venv/bin/python bench/bench_refine.py grid --config bench/configs/reex-world-t2i.yaml
+    .venv/bin/python bench/bench_refine.py grid --config bench/configs/reex-coco-t2t-tta.yaml
+    .venv/bin/python bench/bench_refine.py grid --config bench/configs/reex-world-t2i-mini-clip.yaml
+    .venv/bin/python bench/bench_refine.py grid --config bench/configs/reex-world-t2i-lit-minilm.yaml
     .venv/bin/python bench/bench_refine.py latency
     .venv/bin/python bench/bench_refine.py epcl-cost
 
