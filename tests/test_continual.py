@@ -134,6 +134,46 @@ def test_router_fallback_and_bad_input():
     assert np.array_equal(again.weights(np.eye(4)), r.weights(np.eye(4)))
 
 
+def test_gaussian_router_on_pixel_statistics_tells_corruption_kinds_apart():
+    """Domains that differ in low-level statistics (brightness, contrast, noise) but not in
+    content: the Gaussian router over pixel statistics routes each to its own domain, a
+    domain never learnt (here: blur) to the base model with ood_quantile, and its state
+    round-trips."""
+    import torch
+
+    from qshift.continual.router import PrototypeRouter, pixel_statistics
+
+    gen = torch.Generator().manual_seed(0)
+    content = lambda n: torch.rand(n, 3, 32, 32, generator=gen).round() * 2 - 1  # noqa: E731  shared kind of content
+    domains = {"fog": lambda x: 0.3 * x + 0.6, "contrast": lambda x: 0.2 * x,
+               "noise": lambda x: x + 0.5 * torch.randn(x.shape, generator=gen)}
+    r = PrototypeRouter("enc#0", "soft", top_k=2, temperature=1.0, kind="gaussian", ood_quantile=0.02)
+    for name, f in domains.items():
+        r.add(name, pixel_statistics(f(content(200))))
+    for i, f in enumerate(domains.values()):
+        w = r.weights(pixel_statistics(f(content(100))))
+        assert (w.argmax(1) == i).mean() > 0.95 and np.allclose(w.sum(1)[w.sum(1) > 0], 1)
+    blur = torch.nn.functional.avg_pool2d(content(100), 5, stride=1, padding=2) * 0.05 - 0.8
+    assert (r.weights(pixel_statistics(blur)).sum(1) == 0).mean() > 0.95      # unlike every domain: the base model
+    again = PrototypeRouter.from_state(r.state_dict(), "enc#0")
+    x = pixel_statistics(content(10))
+    assert again.kind == "gaussian" and np.array_equal(again.weights(x), r.weights(x))
+    rng = np.random.default_rng(0)  # same mean, different spread: only the Gaussian tells them apart
+    tight, wide = (lambda n: 1 + 0.1 * rng.standard_normal((n, 6))), (lambda n: 1 + 2.0 * rng.standard_normal((n, 6)))
+    g, c = PrototypeRouter("enc#0", "hard", kind="gaussian"), PrototypeRouter("enc#0", "hard")
+    for router in (g, c):
+        router.add("tight", tight(300))
+        router.add("wide", wide(300))
+    assert (g.weights(tight(100)).argmax(1) == 0).mean() > 0.95 and (g.weights(wide(100)).argmax(1) == 1).mean() > 0.95
+    assert (c.weights(wide(100)).argmax(1) == 1).mean() < 0.8
+    with pytest.raises(InputError, match="kind must be cosine or gaussian"):
+        PrototypeRouter("enc#0", kind="mahalanobis")
+    with pytest.raises(InputError, match="one mean per domain"):
+        PrototypeRouter("enc#0", kind="gaussian", per_domain=4)
+    with pytest.raises(InputError, match="non-finite features"):
+        r.add("nan", np.full((3, 13), np.nan))
+
+
 def test_merging():
     from peft.utils.merge_utils import ties as peft_ties
 
@@ -341,3 +381,31 @@ def test_dar_keeps_the_best_held_out_epoch(tiny_clip, monkeypatch):
         assert not all(torch.equal(v, trained[3][k]) for k, v in dar.bank.domains["b"].state_dict().items())
     finally:
         dar.close()
+
+
+def test_dar_routes_by_pixel_statistics_when_asked(tiny_clip):
+    """route_features=pixels: the router is the Gaussian one over pixel statistics, learnt
+    from each domain's training images; a bright and a dark domain go each to its own
+    adapter, and the routing survives a state round trip."""
+    from qshift.continual.methods import DAR, Domain, TrainSettings
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    imgs = lambda lo, hi: [rng.integers(lo, hi, (32, 32, 3)).astype(np.uint8) for _ in range(12)]  # noqa: E731
+    caps = torch.nn.functional.normalize(torch.randn(12, tiny_clip.dim), dim=-1)
+    bright, dark = (tiny_clip.prepare(imgs(lo, hi), "image") for lo, hi in ((180, 255), (0, 60)))
+    dar = DAR(tiny_clip, TrainSettings(epochs=1, batch_size=4, adapter="norm", route_features="pixels",
+                                       route_temperature=1.0))
+    try:
+        dar.learn(Domain("bright", bright, caps, np.arange(12)))
+        dar.learn(Domain("dark", dark, caps, np.arange(12)))
+        assert dar.router.kind == "gaussian" and dar.router.prototypes[0].shape == (2, 13)
+        w = dar.router.weights(dar.route_features(torch.cat([bright, dark])))
+        assert (w[:12].argmax(1) == 0).all() and (w[12:].argmax(1) == 1).all()
+        state = dar.extra_state()
+        dar.router = type(dar.router).from_state(dict(state["router"]), tiny_clip.fingerprint())
+        assert np.array_equal(dar.router.weights(dar.route_features(dark)), w[12:])
+    finally:
+        dar.close()
+    with pytest.raises(InputError, match="route_features must be embedding or pixels"):
+        TrainSettings(route_features="histogram")

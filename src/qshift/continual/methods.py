@@ -57,6 +57,7 @@ class TrainSettings:
     ood_quantile: float = 0.0
     held_out: float = 0.0
     prototypes: int = 1
+    route_features: str = "embedding"  # embedding (cosine prototypes) | pixels (Gaussian over pixel statistics)
     merge: str = "ties"
     merge_density: float = 0.5
 
@@ -66,6 +67,8 @@ class TrainSettings:
                              f"{self.batch_size}")
         if self.adapter not in ("bottleneck", "norm"):
             raise InputError(f"continual: adapter must be bottleneck or norm, got {self.adapter!r}")
+        if self.route_features not in ("embedding", "pixels"):
+            raise InputError(f"continual: route_features must be embedding or pixels, got {self.route_features!r}")
         if not 0 <= self.held_out < 1:
             raise InputError(f"continual: held_out must be in [0, 1), got {self.held_out}")
         if not 0 <= self.ood_quantile < 1:  # checked here too, so a config fails before any training
@@ -400,6 +403,11 @@ class DAR(Learner):
     adapter kept is the one of the epoch with the best R@1 on them — epoch 0, the identity,
     included, so a domain whose adapter only over-fits is served by the base model, as
     MoE-Adapters' selector sends unfamiliar inputs to the frozen model.
+
+    ``route_features="pixels"`` routes by low-level image statistics under per-domain
+    Gaussians instead of frozen-embedding prototypes (reconstruction: on the corruption
+    domains the frozen embedding, being trained to ignore such changes, tells fog from
+    frost in few cases; see :mod:`.router`).
     """
 
     name = "dar"
@@ -415,7 +423,8 @@ class DAR(Learner):
                                             rank=settings.rank)
         self.router = PrototypeRouter(encoder.fingerprint(), settings.routing, settings.top_k,
                                       settings.route_temperature, settings.threshold, settings.prototypes,
-                                      settings.ood_quantile)
+                                      settings.ood_quantile,
+                                      kind="gaussian" if settings.route_features == "pixels" else "cosine")
         self.init_state: dict | None = None
         self.merged_state: dict | None = None
 
@@ -423,11 +432,19 @@ class DAR(Learner):
         self.bank.active, self.bank.weights = None, None
         return Learner.embed(self, pixels)
 
+    def route_features(self, pixels: torch.Tensor) -> np.ndarray:
+        """What the router compares: the frozen embeddings, or low-level pixel statistics."""
+        if self.s.route_features == "pixels":
+            from qshift.continual.router import pixel_statistics
+
+            return pixel_statistics(pixels)
+        return self.base_features(pixels)
+
     def learn(self, d: Domain) -> dict:
         branches = self.bank.add_domain(d.name, seed=self.s.seed)
         if self.init_state is None:
             self.init_state = {k: v.detach().clone() for k, v in branches.state_dict().items()}
-        self.router.add(d.name, self.base_features(d.pixels), seed=self.s.seed)
+        self.router.add(d.name, self.route_features(d.pixels), seed=self.s.seed)
         self.bank.active = d.name
         info: dict = {}
         if self.s.held_out > 0 and len(d.pixels) >= 4:
@@ -482,7 +499,7 @@ class DAR(Learner):
             finally:
                 self.bank.active = None
                 self.bank.domains[self.seen[0].name].load_state_dict(live)
-        weights = self.router.torch_weights(self.base_features(pixels))
+        weights = self.router.torch_weights(self.route_features(pixels))
         out = []
         for s in range(0, len(pixels), batch):
             self.bank.weights = weights[s:s + batch]

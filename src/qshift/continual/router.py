@@ -11,6 +11,13 @@ own threshold, the q-quantile of its training inputs' scores (reconstruction: th
 gives no rule; a fixed cosine does not carry over between encoders, an in-domain quantile
 does), and a domain whose score is below its threshold gets no weight — no domain left:
 the base model. No test labels are used: only frozen embeddings of training inputs.
+
+``kind="gaussian"`` (reconstruction, for low-level routing features such as
+:func:`pixel_statistics`, where a cosine to a mean means little): each domain keeps the
+mean μ and variance σ² of every feature over its training inputs, and scores an input by
+its mean per-feature Gaussian log-likelihood, −½·mean_j[(x_j − μ_j)²/σ²_j + log σ²_j]. The
+rest (top-k, softmax over score / T, hard, ``ood_quantile``) is the same; the fixed
+``threshold`` applies to cosine scores only.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ class PrototypeRouter:
     domains: list[str] = field(default_factory=list)
     prototypes: list[np.ndarray] = field(default_factory=list)  # per domain: m × d, unit rows
     thresholds: list[float] = field(default_factory=list)      # per domain (−inf without ood_quantile)
+    kind: str = "cosine"        # cosine | gaussian (prototypes: per domain 2 × d, mean and variance)
 
     def __post_init__(self) -> None:
         if self.mode not in ("soft", "hard"):
@@ -45,6 +53,11 @@ class PrototypeRouter:
             raise InputError(f"router: temperature must be >= 0, got {self.temperature}")
         if not 0 <= self.ood_quantile < 1:
             raise InputError(f"router: ood_quantile must be in [0, 1), got {self.ood_quantile}")
+        if self.kind not in ("cosine", "gaussian"):
+            raise InputError(f"router: kind must be cosine or gaussian, got {self.kind!r}")
+        if self.kind == "gaussian" and self.per_domain != 1:
+            raise InputError(f"router: the gaussian router keeps one mean per domain, got per_domain "
+                             f"{self.per_domain}")
 
     def add(self, domain: str, frozen: np.ndarray, seed: int = 0) -> None:
         if domain in self.domains:
@@ -52,6 +65,15 @@ class PrototypeRouter:
         x = np.asarray(frozen, dtype=np.float32)
         if len(x) == 0:
             raise InputError(f"router: domain {domain!r} has no data")
+        if not np.isfinite(x).all():
+            raise InputError(f"router: domain {domain!r} has non-finite features")
+        if self.kind == "gaussian":
+            var = x.var(0) + 1e-6 + 1e-3 * float(x.var(0).mean())  # floor: a constant feature stays usable
+            self.domains.append(domain)
+            self.prototypes.append(np.stack([x.mean(0), var]).astype(np.float32))
+            own = self._gaussian(x, self.prototypes[-1])
+            self.thresholds.append(float(np.quantile(own, self.ood_quantile)) if self.ood_quantile > 0 else -np.inf)
+            return
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         if self.per_domain == 1 or len(x) < 2 * self.per_domain:
             protos = x.mean(0, keepdims=True)
@@ -73,8 +95,16 @@ class PrototypeRouter:
         if not self.domains:
             raise InputError("router: no domain has prototypes yet (learn a domain first)")
         e = np.asarray(frozen, dtype=np.float32)
+        if self.kind == "gaussian":
+            return np.stack([self._gaussian(e, p) for p in self.prototypes], 1)
         e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
         return np.stack([(e @ p.T).max(1) for p in self.prototypes], 1)
+
+    @staticmethod
+    def _gaussian(x: np.ndarray, proto: np.ndarray) -> np.ndarray:
+        """Mean per-feature log-likelihood under a domain's diagonal Gaussian (up to a constant)."""
+        mu, var = proto[0], proto[1]
+        return -0.5 * (((x - mu) ** 2) / var + np.log(var)).mean(1)
 
     def weights(self, frozen: np.ndarray) -> np.ndarray:
         """B × D routing weights (rows sum to 1, or 0 for the base-model fallback)."""
@@ -93,7 +123,8 @@ class PrototypeRouter:
                 z = np.exp(z - z.max(1, keepdims=True))                  # a row of −inf: NaN, zeroed below
                 np.put_along_axis(w, top, np.nan_to_num(z / z.sum(1, keepdims=True)), 1)
         w[below] = 0.0
-        w[(s.max(1) < self.threshold) | below.all(1)] = 0.0
+        fixed = s.max(1) < self.threshold if self.kind == "cosine" else np.zeros(len(s), bool)
+        w[fixed | below.all(1)] = 0.0
         return w
 
     def torch_weights(self, frozen: np.ndarray) -> torch.Tensor:
@@ -102,7 +133,7 @@ class PrototypeRouter:
     def state_dict(self) -> dict:
         return {"fingerprint": self.fingerprint, "mode": self.mode, "top_k": self.top_k,
                 "temperature": self.temperature, "threshold": self.threshold, "per_domain": self.per_domain,
-                "ood_quantile": self.ood_quantile, "thresholds": list(self.thresholds),
+                "ood_quantile": self.ood_quantile, "thresholds": list(self.thresholds), "kind": self.kind,
                 "domains": list(self.domains), "prototypes": [torch.from_numpy(p) for p in self.prototypes]}
 
     @classmethod
@@ -112,3 +143,30 @@ class PrototypeRouter:
         protos = [p.numpy() for p in state.pop("prototypes")]
         state.setdefault("thresholds", [-np.inf] * len(protos))   # states saved before ood_quantile
         return cls(**{**state, "prototypes": protos})
+
+
+def pixel_statistics(pixels: torch.Tensor, batch: int = 512) -> np.ndarray:
+    """Low-level statistics of preprocessed images (N × 3 × H × W) as routing features:
+    per-channel mean and standard deviation; of the grey image its standard deviation, 5th
+    and 95th percentiles, mean gradient magnitude, mean |Laplacian| (and its log) and the
+    mean residual after a 3 × 3 box blur — what weather, contrast and noise corruptions
+    change and image content mostly does not (reconstruction: DAR's abstract routes by
+    prototypes without saying of what). N × 13 float32."""
+    import torch.nn.functional as F
+
+    lap = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(pixels), batch):
+            x = pixels[s:s + batch].float()
+            g = x.mean(1, keepdim=True)
+            flat = g.flatten(1)
+            gy, gx = g[..., 1:, :-1] - g[..., :-1, :-1], g[..., :-1, 1:] - g[..., :-1, :-1]
+            lap_abs = F.conv2d(g, lap.to(g), padding=1)[..., 1:-1, 1:-1].abs().flatten(1).mean(1)
+            box = F.avg_pool2d(g, 3, stride=1, padding=1, count_include_pad=False)
+            out.append(torch.cat([x.mean((2, 3)), x.std((2, 3)), flat.std(1, keepdim=True),
+                                  flat.quantile(0.05, dim=1, keepdim=True), flat.quantile(0.95, dim=1, keepdim=True),
+                                  (gx ** 2 + gy ** 2).sqrt().flatten(1).mean(1, keepdim=True),
+                                  lap_abs[:, None], (lap_abs[:, None] + 1e-6).log(),
+                                  (g - box).abs().flatten(1).mean(1, keepdim=True)], 1))
+    return torch.cat(out).numpy().astype(np.float32)
