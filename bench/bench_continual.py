@@ -43,13 +43,13 @@ def routing_costs(cfg, out: Path) -> dict:  # noqa: ANN001 - a ContinualConfig
     for spec in cfg.domains:
         d = data.training(spec)
         dar.bank.add_domain(d.name)
-        dar.router.add(d.name, dar.base_features(d.pixels))
+        dar.router.add(d.name, dar.route_features(d.pixels))
         dar.seen.append(d)
     pixels = data.testing(cfg.ood[0] if cfg.ood else cfg.domains[0])["pixels"][:256]
-    frozen = dar.base_features(pixels)
+    feats = dar.route_features(pixels)  # what the router reads: frozen embeddings or pixel statistics
     rows = []
     for b in (1, 256):
-        t = timeit(lambda: dar.router.weights(frozen[:b]), reps=50, warmup=5)
+        t = timeit(lambda: dar.router.weights(feats[:b]), reps=50, warmup=5)
         rows.append({"batch": b, "route_us_per_query": 1e6 * t / b})
     with torch.no_grad():
         t_frozen = timeit(lambda: dar.base_features(pixels), reps=3)

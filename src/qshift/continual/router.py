@@ -67,15 +67,11 @@ class PrototypeRouter:
             raise InputError(f"router: domain {domain!r} has no data")
         if not np.isfinite(x).all():
             raise InputError(f"router: domain {domain!r} has non-finite features")
+        x = self._prepare(x)
         if self.kind == "gaussian":
             var = x.var(0) + 1e-6 + 1e-3 * float(x.var(0).mean())  # floor: a constant feature stays usable
-            self.domains.append(domain)
-            self.prototypes.append(np.stack([x.mean(0), var]).astype(np.float32))
-            own = self._gaussian(x, self.prototypes[-1])
-            self.thresholds.append(float(np.quantile(own, self.ood_quantile)) if self.ood_quantile > 0 else -np.inf)
-            return
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        if self.per_domain == 1 or len(x) < 2 * self.per_domain:
+            protos = np.stack([x.mean(0), var]).astype(np.float32)
+        elif self.per_domain == 1 or len(x) < 2 * self.per_domain:
             protos = x.mean(0, keepdims=True)
         else:
             import faiss
@@ -84,27 +80,34 @@ class PrototypeRouter:
                               min_points_per_centroid=1)
             km.train(x)
             protos = km.centroids.copy()
-        protos = protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12)
+        if self.kind == "cosine":
+            protos = protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12)
         self.domains.append(domain)
         self.prototypes.append(protos)
-        own = (x @ protos.T).max(1)
+        own = self._score(x, protos)
         self.thresholds.append(float(np.quantile(own, self.ood_quantile)) if self.ood_quantile > 0 else -np.inf)
 
     def scores(self, frozen: np.ndarray) -> np.ndarray:
-        """B × D: each domain's best prototype cosine."""
+        """B × D: each domain's score (cosine: its best prototype's cosine; gaussian: the
+        mean per-feature log-likelihood)."""
         if not self.domains:
             raise InputError("router: no domain has prototypes yet (learn a domain first)")
-        e = np.asarray(frozen, dtype=np.float32)
-        if self.kind == "gaussian":
-            return np.stack([self._gaussian(e, p) for p in self.prototypes], 1)
-        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-        return np.stack([(e @ p.T).max(1) for p in self.prototypes], 1)
+        e = self._prepare(np.asarray(frozen, dtype=np.float32))
+        return np.stack([self._score(e, p) for p in self.prototypes], 1)
 
-    @staticmethod
-    def _gaussian(x: np.ndarray, proto: np.ndarray) -> np.ndarray:
-        """Mean per-feature log-likelihood under a domain's diagonal Gaussian (up to a constant)."""
-        mu, var = proto[0], proto[1]
-        return -0.5 * (((x - mu) ** 2) / var + np.log(var)).mean(1)
+    def _prepare(self, x: np.ndarray) -> np.ndarray:
+        """Features as the scores read them: unit rows for cosine, as given for gaussian."""
+        if self.kind == "gaussian":
+            return x
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    def _score(self, x: np.ndarray, proto: np.ndarray) -> np.ndarray:
+        """One domain's score of prepared features: the best prototype cosine, or the mean
+        per-feature log-likelihood under the domain's diagonal Gaussian (up to a constant)."""
+        if self.kind == "gaussian":
+            mu, var = proto[0], proto[1]
+            return -0.5 * (((x - mu) ** 2) / var + np.log(var)).mean(1)
+        return (x @ proto.T).max(1)
 
     def weights(self, frozen: np.ndarray) -> np.ndarray:
         """B × D routing weights (rows sum to 1, or 0 for the base-model fallback)."""
