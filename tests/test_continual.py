@@ -134,6 +134,39 @@ def test_router_fallback_and_bad_input():
     assert np.array_equal(again.weights(np.eye(4)), r.weights(np.eye(4)))
 
 
+def test_full_covariance_router_rejects_what_breaks_a_domains_correlations():
+    """Features that move together in a domain (as gradient, Laplacian and blur residual
+    do): an input whose every feature is marginally typical but whose combination is not
+    passes the diagonal Gaussian's in-domain quantile and fails the full one's; inputs of
+    the domain pass both; the scores are the exact Gaussian log-density per feature; the
+    state round-trips; too few inputs for a full covariance is a clear error."""
+    from qshift.continual.router import PrototypeRouter
+
+    rng = np.random.default_rng(0)
+    mix = np.array([[1.0, 0.9, 0.8], [0.0, 0.4, 0.3], [0.0, 0.0, 0.5]])
+    dom = lambda n: rng.standard_normal((n, 3)) @ mix  # noqa: E731  correlated features
+    broken = rng.standard_normal((200, 3)) * dom(2000).std(0)  # same marginals, no correlation
+    diag = PrototypeRouter("enc#0", "hard", kind="gaussian", ood_quantile=0.05)
+    full = PrototypeRouter("enc#0", "hard", kind="gaussian", covariance="full", ood_quantile=0.05)
+    train = dom(2000)
+    for r in (diag, full):
+        r.add("d", train)
+    assert full.prototypes[0].shape == (4, 3)
+    kept = lambda r, x: float((r.weights(x).sum(1) > 0).mean())  # noqa: E731
+    assert kept(diag, dom(500)) > 0.9 and kept(full, dom(500)) > 0.9
+    assert kept(diag, broken) > 0.85 and kept(full, broken) < 0.6
+    x = dom(5)
+    cov = np.cov(train, rowvar=False)
+    cov += 1e-6 * (1 + np.trace(cov) / 3) * np.eye(3)
+    dev = x - train.mean(0)
+    want = -0.5 * (np.einsum("ij,jk,ik->i", dev, np.linalg.inv(cov), dev) + np.linalg.slogdet(cov)[1]) / 3
+    assert np.allclose(full.scores(x)[:, 0], want, rtol=1e-4, atol=1e-4)
+    again = PrototypeRouter.from_state(full.state_dict(), "enc#0")
+    assert again.covariance == "full" and np.array_equal(again.weights(broken), full.weights(broken))
+    with pytest.raises(InputError, match="has 3 inputs; a full covariance of 3 features"):
+        PrototypeRouter("enc#0", kind="gaussian", covariance="full").add("few", dom(3))
+
+
 def test_gaussian_router_on_pixel_statistics_tells_corruption_kinds_apart():
     """Domains that differ in low-level statistics (brightness, contrast, noise) but not in
     content: the Gaussian router over pixel statistics routes each to its own domain, a
@@ -168,6 +201,10 @@ def test_gaussian_router_on_pixel_statistics_tells_corruption_kinds_apart():
     assert (c.weights(wide(100)).argmax(1) == 1).mean() < 0.8
     with pytest.raises(InputError, match="kind must be cosine or gaussian"):
         PrototypeRouter("enc#0", kind="mahalanobis")
+    with pytest.raises(InputError, match="covariance must be diag or full"):
+        PrototypeRouter("enc#0", kind="gaussian", covariance="tied")
+    with pytest.raises(InputError, match="needs kind='gaussian'"):
+        PrototypeRouter("enc#0", covariance="full")
     with pytest.raises(InputError, match="one mean per domain"):
         PrototypeRouter("enc#0", kind="gaussian", per_domain=4)
     with pytest.raises(InputError, match="non-finite features"):
@@ -400,6 +437,7 @@ def test_dar_routes_by_pixel_statistics_when_asked(tiny_clip):
         dar.learn(Domain("bright", bright, caps, np.arange(12)))
         dar.learn(Domain("dark", dark, caps, np.arange(12)))
         assert dar.router.kind == "gaussian" and dar.router.prototypes[0].shape == (2, 13)
+        assert dar.router.covariance == "diag"
         w = dar.router.weights(dar.route_features(torch.cat([bright, dark])))
         assert (w[:12].argmax(1) == 0).all() and (w[12:].argmax(1) == 1).all()
         state = dar.extra_state()
@@ -409,3 +447,13 @@ def test_dar_routes_by_pixel_statistics_when_asked(tiny_clip):
         dar.close()
     with pytest.raises(InputError, match="route_features must be embedding or pixels"):
         TrainSettings(route_features="histogram")
+    with pytest.raises(InputError, match="route_covariance must be diag or full"):
+        TrainSettings(route_features="pixels", route_covariance="tied")
+    with pytest.raises(InputError, match="route_covariance='full' needs route_features='pixels'"):
+        TrainSettings(route_covariance="full")
+    full = DAR(tiny_clip, TrainSettings(epochs=1, batch_size=4, adapter="norm", route_features="pixels",
+                                        route_covariance="full"))
+    try:
+        assert full.router.kind == "gaussian" and full.router.covariance == "full"
+    finally:
+        full.close()

@@ -58,6 +58,7 @@ class TrainSettings:
     held_out: float = 0.0
     prototypes: int = 1
     route_features: str = "embedding"  # embedding (cosine prototypes) | pixels (Gaussian over pixel statistics)
+    route_covariance: str = "diag"     # pixels only: diag | full Gaussian per domain
     merge: str = "ties"
     merge_density: float = 0.5
 
@@ -69,6 +70,10 @@ class TrainSettings:
             raise InputError(f"continual: adapter must be bottleneck or norm, got {self.adapter!r}")
         if self.route_features not in ("embedding", "pixels"):
             raise InputError(f"continual: route_features must be embedding or pixels, got {self.route_features!r}")
+        if self.route_covariance not in ("diag", "full"):
+            raise InputError(f"continual: route_covariance must be diag or full, got {self.route_covariance!r}")
+        if self.route_covariance == "full" and self.route_features != "pixels":
+            raise InputError("continual: route_covariance='full' needs route_features='pixels'")
         if not 0 <= self.held_out < 1:
             raise InputError(f"continual: held_out must be in [0, 1), got {self.held_out}")
         if not 0 <= self.ood_quantile < 1:  # checked here too, so a config fails before any training
@@ -407,7 +412,8 @@ class DAR(Learner):
     ``route_features="pixels"`` routes by low-level image statistics under per-domain
     Gaussians instead of frozen-embedding prototypes (reconstruction: on the corruption
     domains the frozen embedding, being trained to ignore such changes, tells fog from
-    frost in few cases; see :mod:`.router`).
+    frost in few cases; see :mod:`.router`); ``route_covariance="full"`` gives each domain a
+    full-covariance Gaussian over them instead of a diagonal one.
     """
 
     name = "dar"
@@ -424,7 +430,8 @@ class DAR(Learner):
         self.router = PrototypeRouter(encoder.fingerprint(), settings.routing, settings.top_k,
                                       settings.route_temperature, settings.threshold, settings.prototypes,
                                       settings.ood_quantile,
-                                      kind="gaussian" if settings.route_features == "pixels" else "cosine")
+                                      kind="gaussian" if settings.route_features == "pixels" else "cosine",
+                                      covariance=settings.route_covariance)
         self.init_state: dict | None = None
         self.merged_state: dict | None = None
 

@@ -17,7 +17,13 @@ the base model. No test labels are used: only frozen embeddings of training inpu
 mean μ and variance σ² of every feature over its training inputs, and scores an input by
 its mean per-feature Gaussian log-likelihood, −½·mean_j[(x_j − μ_j)²/σ²_j + log σ²_j]. The
 rest (top-k, softmax over score / T, hard, ``ood_quantile``) is the same; the fixed
-``threshold`` applies to cosine scores only.
+``threshold`` applies to cosine scores only. ``covariance="full"`` (reconstruction, picked on
+val; see bench/configs/continual-world-corrupt-route-val.yaml) replaces the diagonal by the
+full covariance Σ of the domain's features (plus a ridge of 1e-6·(1 + tr Σ / d)):
+−½·[(x − μ)ᵀ Σ⁻¹ (x − μ) + log det Σ] / d. Low-level statistics are strongly correlated
+(gradient, Laplacian and blur residual move together), so the diagonal form is broad and
+keeps unseen corruptions near some domain; the full form rejects them at the same
+in-domain quantile.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class PrototypeRouter:
     prototypes: list[np.ndarray] = field(default_factory=list)  # per domain: m × d, unit rows
     thresholds: list[float] = field(default_factory=list)      # per domain (−inf without ood_quantile)
     kind: str = "cosine"        # cosine | gaussian (prototypes: per domain 2 × d, mean and variance)
+    covariance: str = "diag"    # gaussian only: diag | full (prototypes: (1 + d) × d, mean and W, WWᵀ = Σ⁻¹)
 
     def __post_init__(self) -> None:
         if self.mode not in ("soft", "hard"):
@@ -55,6 +62,10 @@ class PrototypeRouter:
             raise InputError(f"router: ood_quantile must be in [0, 1), got {self.ood_quantile}")
         if self.kind not in ("cosine", "gaussian"):
             raise InputError(f"router: kind must be cosine or gaussian, got {self.kind!r}")
+        if self.covariance not in ("diag", "full"):
+            raise InputError(f"router: covariance must be diag or full, got {self.covariance!r}")
+        if self.covariance == "full" and self.kind != "gaussian":
+            raise InputError("router: covariance='full' needs kind='gaussian'")
         if self.kind == "gaussian" and self.per_domain != 1:
             raise InputError(f"router: the gaussian router keeps one mean per domain, got per_domain "
                              f"{self.per_domain}")
@@ -68,7 +79,9 @@ class PrototypeRouter:
         if not np.isfinite(x).all():
             raise InputError(f"router: domain {domain!r} has non-finite features")
         x = self._prepare(x)
-        if self.kind == "gaussian":
+        if self.kind == "gaussian" and self.covariance == "full":
+            protos = self._full_gaussian(domain, x)
+        elif self.kind == "gaussian":
             var = x.var(0) + 1e-6 + 1e-3 * float(x.var(0).mean())  # floor: a constant feature stays usable
             protos = np.stack([x.mean(0), var]).astype(np.float32)
         elif self.per_domain == 1 or len(x) < 2 * self.per_domain:
@@ -87,6 +100,18 @@ class PrototypeRouter:
         own = self._score(x, protos)
         self.thresholds.append(float(np.quantile(own, self.ood_quantile)) if self.ood_quantile > 0 else -np.inf)
 
+    @staticmethod
+    def _full_gaussian(domain: str, x: np.ndarray) -> np.ndarray:
+        """(1 + d) × d: the mean, then W (lower-triangular, W Wᵀ = Σ⁻¹) of the features."""
+        n, d = x.shape
+        if n <= d:
+            raise InputError(f"router: domain {domain!r} has {n} inputs; a full covariance of {d} features "
+                             f"needs more than {d} (or covariance='diag')")
+        cov = np.cov(x.astype(np.float64), rowvar=False)
+        cov += 1e-6 * (1 + np.trace(cov) / d) * np.eye(d)
+        w = np.linalg.cholesky(np.linalg.inv(cov))
+        return np.concatenate([x.mean(0, keepdims=True), w]).astype(np.float32)
+
     def scores(self, frozen: np.ndarray) -> np.ndarray:
         """B × D: each domain's score (cosine: its best prototype's cosine; gaussian: the
         mean per-feature log-likelihood)."""
@@ -104,6 +129,11 @@ class PrototypeRouter:
     def _score(self, x: np.ndarray, proto: np.ndarray) -> np.ndarray:
         """One domain's score of prepared features: the best prototype cosine, or the mean
         per-feature log-likelihood under the domain's diagonal Gaussian (up to a constant)."""
+        if self.kind == "gaussian" and self.covariance == "full":
+            mu, w = proto[0], proto[1:].astype(np.float64)
+            z = (x - mu).astype(np.float64) @ w                        # ‖z‖² = (x − μ)ᵀ Σ⁻¹ (x − μ)
+            logdet = -2.0 * np.log(np.diag(w)).sum()                    # log det Σ
+            return (-0.5 * ((z ** 2).sum(1) + logdet) / len(mu)).astype(np.float32)
         if self.kind == "gaussian":
             mu, var = proto[0], proto[1]
             return -0.5 * (((x - mu) ** 2) / var + np.log(var)).mean(1)
@@ -137,6 +167,7 @@ class PrototypeRouter:
         return {"fingerprint": self.fingerprint, "mode": self.mode, "top_k": self.top_k,
                 "temperature": self.temperature, "threshold": self.threshold, "per_domain": self.per_domain,
                 "ood_quantile": self.ood_quantile, "thresholds": list(self.thresholds), "kind": self.kind,
+                "covariance": self.covariance,
                 "domains": list(self.domains), "prototypes": [torch.from_numpy(p) for p in self.prototypes]}
 
     @classmethod
