@@ -127,8 +127,9 @@ class PrototypeRouter:
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
     def _score(self, x: np.ndarray, proto: np.ndarray) -> np.ndarray:
-        """One domain's score of prepared features: the best prototype cosine, or the mean
-        per-feature log-likelihood under the domain's diagonal Gaussian (up to a constant)."""
+        """One domain's score of prepared features: the best prototype cosine, or the
+        log-likelihood per feature under the domain's diagonal or full Gaussian (up to a
+        constant)."""
         if self.kind == "gaussian" and self.covariance == "full":
             mu, w = proto[0], proto[1:].astype(np.float64)
             z = (x - mu).astype(np.float64) @ w                        # ‖z‖² = (x − μ)ᵀ Σ⁻¹ (x − μ)
