@@ -72,11 +72,16 @@ def prepare(folder: Path = Path("runs/continual-data"), train: int = 2000, sever
     train images and the world test images (absolute paths), each corrupted with
     ``qshift corrupt`` (seeded; resumable). For validation (continual-world-corrupt-val.yaml)
     each corrupted training set is also split by image: the first ``train - val`` images
-    (fit{N}.*.csv) and the last ``val`` (val{M}.*.csv); the test images are not used."""
+    (fit{N}.*.csv) and the last ``val`` (val{M}.*.csv); the test images are not used. The
+    clean val images also get the corruptions of ``VAL_OOD`` (continual-world-corrupt-route-val.yaml)."""
     import csv
     import subprocess
 
     from qshift.world import world_collection
+
+    def corrupt(path: Path, c: str) -> None:
+        subprocess.run([str(Path(sys.executable).with_name("qshift")), "corrupt", str(path), "-c", c,
+                        "--severity", str(severity), "--json"], check=True, capture_output=True)
 
     folder.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", train), ("test", None)):
@@ -95,16 +100,14 @@ def prepare(folder: Path = Path("runs/continual-data"), train: int = 2000, sever
         for c in (*CORRUPT, "motion_blur"):
             if split == "train" and c == "motion_blur":
                 continue  # the OOD corruption is never trained on
-            subprocess.run([str(Path(sys.executable).with_name("qshift")), "corrupt", str(dst), "-c", c,
-                            "--severity", str(severity), "--json"], check=True, capture_output=True)
+            corrupt(dst, c)
             if split == "train":
                 _split_by_image(folder / f"{dst.stem}.{c}-s{severity}-seed0.csv", train - val, val)
     # val's stand-ins for unseen shifts (continual-world-corrupt-route-val.yaml): corruptions
     # in neither the domains nor the test OOD, on the clean val images
     _split_by_image(folder / f"train{train}.csv", train - val, val)
     for c in VAL_OOD:
-        subprocess.run([str(Path(sys.executable).with_name("qshift")), "corrupt", str(folder / f"val{val}.csv"),
-                        "-c", c, "--severity", str(severity), "--json"], check=True, capture_output=True)
+        corrupt(folder / f"val{val}.csv", c)
 
 
 def _split_by_image(src: Path, n_fit: int, n_val: int) -> None:
