@@ -32,6 +32,7 @@ from common import previous_results, RESULTS, md_table, timeit, write_results  #
 METHODS = ["tent", "eata", "sar", "read", "deyo", "tcr", "rest"]
 COMPACT = 20  # a grid with more methods than this is rendered one line per method
 TUNED = "-val-tuned"  # label suffix of a method run with its best setting on the val split
+ORACLE = "oracle"  # label prefix of the ceiling row (trained with the true positives; not a method)
 
 
 def bench_grid(config: Path) -> dict:
@@ -47,17 +48,28 @@ def bench_grid(config: Path) -> dict:
         for png in out.glob("*.png"):
             shutil.copy(png, RESULTS / f"tta_{cfg.name}_{png.name}")
     cells = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
-    table: dict[str, dict[str, float]] = {}
+    table: dict[str, dict[str, float]] = {}  # R@1 at the highest severity (and clean)
+    per_sev: dict[str, dict[int, dict[str, float]]] = {}
     streams: dict[str, dict] = {}
+    top = max(cfg.severities, default=0)
     for c in cells:
         if c["shift"].startswith("stream:"):
             streams.setdefault(c["shift"], {})[c["method"]] = {
                 "R@1": c["metrics"]["R@1"], "curve_r1": c["curve_r1"], "per_shift_r1": c.get("per_shift_r1", {}),
                 "queries_per_s": c["queries_per_s"]}
-        else:
+            continue
+        if c["severity"] in (0, top):
             table.setdefault(c["method"], {})[c["shift"]] = c["metrics"]["R@1"]
+        if c["shift"] != "clean":
+            per_sev.setdefault(c["method"], {}).setdefault(c["severity"], {})[c["shift"]] = c["metrics"]["R@1"]
     corrs = sorted({c["shift"] for c in cells if not c["shift"].startswith("stream:") and c["shift"] != "clean"})
-    summary: dict = {"config": str(config), "run": str(out), "r1": table, "streams": streams, "corruptions": corrs}
+    summary: dict = {"config": str(config), "run": str(out), "r1": table, "streams": streams, "corruptions": corrs,
+                     "severity": top}
+    if len(cfg.severities) > 1:  # mean R@1 over the corruption types at each severity, and over severities
+        summary["by_severity"] = {
+            m: {**{str(sv): float(np.mean(list(r.values()))) for sv, r in sorted(v.items())},
+                "mean": float(np.mean([x for r in v.values() for x in r.values()]))}
+            for m, v in per_sev.items() if all(len(v.get(sv, {})) == len(corrs) for sv in cfg.severities)}
     if corrs and "zero-shot" in table:
         means = {m: float(np.mean([v[c] for c in corrs])) for m, v in table.items() if all(c in v for c in corrs)}
         summary["mean_r1"] = means
@@ -84,6 +96,14 @@ def bench_grid(config: Path) -> dict:
         summary["rest_variants"] = {  # REST with other settings (e.g. chosen on the val split)
             m: vs_zs[m] for m in means
             if m.startswith("rest") and m != "rest" and m not in summary.get("val_tuned", {})}
+        oracle = [m for m in means if m.startswith(ORACLE)]
+        if oracle and tuned:  # the ceiling against the best val-tuned method (issue 17)
+            best = max(tuned, key=lambda m: means[m])
+            summary["ceiling"] = {"oracle": oracle[0], "oracle_minus_zero_shot_mean": vs_zs[oracle[0]]["minus_zero_shot_mean"],
+                                  "best_tuned": best, "best_tuned_minus_zero_shot_mean": vs_zs[best]["minus_zero_shot_mean"],
+                                  "best_tuned_worst_minus_zero_shot": vs_zs[best]["worst_minus_zero_shot"],
+                                  "share_of_ceiling": vs_zs[best]["minus_zero_shot_mean"]
+                                  / max(vs_zs[oracle[0]]["minus_zero_shot_mean"], 1e-9)}
     return summary
 
 
@@ -189,8 +209,14 @@ def render_md(data: dict) -> str:
                      "mean": g.get("mean_r1", {}).get(m, float("nan")), "clean": v.get("clean", float("nan"))}
                     for m, v in g["r1"].items()]
             cols = ["method", *[c[:10] for c in corrs], "mean", "clean"]
-            md += ["R@1 at severity 5 (columns: corruption types)", "",
+            md += [f"R@1 at severity {g.get('severity', 5)} (columns: corruption types)", "",
                    md_table(rows, cols, {c: ".1f" for c in cols[1:]}), ""]
+        if g.get("by_severity"):
+            sevs = [k for k in next(iter(g["by_severity"].values())) if k != "mean"]
+            md += [f"Mean R@1 over the {len(corrs)} corruption types at each severity, and over severities "
+                   f"{sevs[0]}–{sevs[-1]}", "",
+                   md_table([{"method": m, **v} for m, v in g["by_severity"].items()], ["method", *sevs, "mean"],
+                            {k: ".2f" for k in [*sevs, "mean"]}), ""]
             png = f"tta_{key}_r1_per_type.png"
             if (RESULTS / png).is_file():
                 md += [f"![per type]({png})", ""]
@@ -208,7 +234,7 @@ def render_md(data: dict) -> str:
                    f"REST ≥ every baseline on the mean: {t['rest_ge_every_baseline_mean']}; worst corruption "
                    f"REST − zero-shot = {t['worst_rest_minus_zero_shot']:+.2f} (goal ≥ −1; losing more on: "
                    f"{', '.join(t['corruptions_where_rest_loses_over_1']) or 'none'})", ""]
-        for m, v in ({} if len(g["r1"]) > COMPACT else g.get("rest_variants", {})).items():
+        for m, v in ({} if len(g["r1"]) > COMPACT or "val_tuned" in g else g.get("rest_variants", {})).items():
             md += [f"`{m}` − zero-shot on the mean = {v['minus_zero_shot_mean']:+.2f}; worst corruption "
                    f"{v['worst_minus_zero_shot']:+.2f}.", ""]
         if "val_tuned" in g:
@@ -218,6 +244,18 @@ def render_md(data: dict) -> str:
                             ["method", "minus_zero_shot_mean", "worst_minus_zero_shot"],
                             {"minus_zero_shot_mean": "+.2f", "worst_minus_zero_shot": "+.2f"}), "",
                    f"REST ≥ every tuned baseline (Tent, EATA, SAR, READ, DeYO) on the mean: {ge}.", ""]
+            others = {m: v for m, v in g.get("vs_zero_shot", {}).items() if m not in g["val_tuned"] and m != "zero-shot"}
+            if others:
+                md += ["Other rows (options measured at a tuned setting, the ceiling):", "",
+                       md_table([{"method": m, **v} for m, v in others.items()],
+                                ["method", "minus_zero_shot_mean", "worst_minus_zero_shot"],
+                                {"minus_zero_shot_mean": "+.2f", "worst_minus_zero_shot": "+.2f"}), ""]
+        if "ceiling" in g:
+            c = g["ceiling"]
+            md += [f"Ceiling: the oracle (same parameters, steps and learning rate, trained with the true positives) "
+                   f"wins {c['oracle_minus_zero_shot_mean']:+.2f} R@1 on the mean; the best val-tuned method "
+                   f"(`{c['best_tuned']}`) {c['best_tuned_minus_zero_shot_mean']:+.2f}, "
+                   f"{100 * c['share_of_ceiling']:.0f} % of it (worst type {c['best_tuned_worst_minus_zero_shot']:+.2f}).", ""]
     for key in [k for k in data if k.startswith("forgetting")]:
         f, settings = data[key], key.partition(":")[2] or "the authors' settings"
         md += [f"## Forgetting: clean R@1 after adapting along the mixed stream (continual mode; {settings})", "",
