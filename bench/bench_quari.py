@@ -144,7 +144,8 @@ def _pipeline_scores(enc, task, method: str | dict) -> np.ndarray:
 
 
 def _accuracy_one_seed(enc, pairs, task, run_dir: Path, epochs: int, seed: int, k_map: int = 10,
-                       lr: float = LR, batch: int = BATCH, variants: list[str] | None = None) -> tuple[dict, dict]:
+                       lr: float = LR, batch: int = BATCH, variants: list[str] | None = None,
+                       model: dict | None = None) -> tuple[dict, dict]:
     """Metrics of every method for one training seed (checkpoints cached per seed)."""
     from qshift.quari import QuARIConfig, QuARITrainConfig, train_quari, train_ta
     from qshift.quari.search import load_ta, save_ta
@@ -166,7 +167,7 @@ def _accuracy_one_seed(enc, pairs, task, run_dir: Path, epochs: int, seed: int, 
         if variants is not None and name not in variants:
             continue
         out = run_dir / (name.replace(" ", "_").replace("/", "").replace("+", "plus") + tail)
-        mcfg = QuARIConfig(dim=q.shape[1], **{**MODEL, **m_over})
+        mcfg = QuARIConfig(dim=q.shape[1], **{**MODEL, **(model or {}), **m_over})
         # the fixed epoch budget on every training pair (as the paper); the CLI holds 10 % out by default
         tcfg = QuARITrainConfig(epochs=epochs, batch_size=batch, lr=lr, lr_min=lr / 100, val_fraction=0.0,
                                 seed=seed, **t_over)
@@ -187,26 +188,46 @@ def encoder_tag(testbed: str, encoder: str | None) -> str:
     return f"@{encoder}" if testbed in K_MAP and encoder not in (None, "world:mini-clip") else ""
 
 
+def parse_model(spec: str | None) -> dict:
+    """``--model query_residual=0.9,anchor=0.2`` → hypernetwork overrides of :data:`MODEL`
+    (``none`` for None; numbers as numbers)."""
+    from qshift.quari import QuARIConfig
+
+    out: dict = {}
+    for item in filter(None, (spec or "").split(",")):
+        k, sep, v = item.partition("=")
+        if not sep or k not in QuARIConfig.__dataclass_fields__ or k == "dim":
+            raise SystemExit(f"--model: expected KEY=VALUE with KEY a QuARIConfig field, got {item!r}")
+        out[k] = None if v.lower() == "none" else (int(v) if v.lstrip("-").isdigit() else float(v))
+    return out
+
+
+def model_tag(over: dict) -> str:
+    """The hypernetwork overrides' tag in run folders and result keys: ~anchor=0.2~query_residual=0.9."""
+    return "".join(f"~{k}={v:g}" if isinstance(v, (int, float)) else f"~{k}={v}" for k, v in sorted(over.items()))
+
+
 def budget_tag(epochs: int, lr: float = LR, batch: int = BATCH) -> str:
     """The training budget's tag in run folders and val result keys: -e30[-lr0.003][-b32]."""
     return f"-e{epochs}" + (f"-lr{lr:g}" if lr != LR else "") + (f"-b{batch}" if batch != BATCH else "")
 
 
 def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[int], lr: float = LR,
-                   batch: int = BATCH, variants: list[str] | None = None) -> dict:
+                   batch: int = BATCH, variants: list[str] | None = None, model: dict | None = None) -> dict:
     """Every method (or ``variants`` of QuARI only) over ``seeds`` training seeds: mean metrics,
     and the headline metric per seed with the ablations' paired differences to full QuARI
     (the seed spread decides what is a gap)."""
     enc, pairs, task, desc = _testbed(testbed, encoder)
     run_dir = RUNS / f"quari-{TRAIN_SET.get(testbed, testbed)}{encoder_tag(testbed, encoder)}"
     if testbed in K_MAP:                    # one folder per budget (the val testbeds compare them)
-        run_dir = run_dir.with_name(run_dir.name + budget_tag(epochs, lr, batch))
+        run_dir = run_dir.with_name(run_dir.name + budget_tag(epochs, lr, batch) + model_tag(model or {}))
     run_dir.mkdir(parents=True, exist_ok=True)
     k_map = K_MAP.get(testbed, 10)
     if variants is not None and set(variants) - set(VARIANTS):
         raise SystemExit(f"unknown variants {sorted(set(variants) - set(VARIANTS))}; known: {list(VARIANTS)}")
     variants = None if variants is None else ["QuARI", *[v for v in variants if v != "QuARI"]]  # the reference
-    per_seed = [_accuracy_one_seed(enc, pairs, task, run_dir, epochs, s, k_map, lr, batch, variants) for s in seeds]
+    per_seed = [_accuracy_one_seed(enc, pairs, task, run_dir, epochs, s, k_map, lr, batch, variants, model or {})
+                for s in seeds]
     names = list(per_seed[0][0])
     rows = {k: {m: float(np.mean([r[k][m] for r, _ in per_seed])) for m in per_seed[0][0][k]} for k in names}
     sd = lambda x: float(np.std(x, ddof=1)) if len(x) > 1 else 0.0  # noqa: E731
@@ -214,7 +235,7 @@ def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[i
     head = "R@1" if testbed not in K_MAP else f"mAP@{k_map}"
     per = {k: [r[k][head] for r, _ in per_seed] for k in names}
     diffs = {k: np.subtract(per[k], per["QuARI"]) for k in VARIANTS if k.startswith("w/o") and k in per}
-    out = {"testbed": desc, "model": MODEL, "epochs": epochs, "lr": lr, "batch_size": batch, "seeds": seeds,
+    out = {"testbed": desc, "model": {**MODEL, **(model or {})}, "model_overrides": model or {}, "epochs": epochs, "lr": lr, "batch_size": batch, "seeds": seeds,
            "metric": head, "rows": rows, "per_seed": per, "sd": {k: sd(v) for k, v in per.items()},
            "train_seconds": per_seed[0][1],
            "quari_gain": rows["QuARI"][head] - rows["zero-shot"][head],
@@ -370,7 +391,8 @@ ACCURACY = ("world", "world-pixel", "coco", "world-ilias-val", "world-ilias", "w
 
 def render_md(data: dict) -> str:
     md = ["# QuARI (issues 7, 21)", ""]
-    testbed_of = lambda k: re.sub(r"-e\d+(-lr[^-]+)?(-b\d+)?$", "", k[len("accuracy_"):].split("@")[0])  # noqa: E731
+    testbed_of = lambda k: re.sub(r"-e\d+(-lr[^-]+)?(-b\d+)?$", "",  # noqa: E731
+                                  k[len("accuracy_"):].split("@")[0].split("~")[0])
     keys = sorted((k for k in data if k.startswith("accuracy_")), key=lambda k: (ACCURACY.index(testbed_of(k)), k))
     for key in keys:
         testbed = testbed_of(key)
@@ -379,7 +401,9 @@ def render_md(data: dict) -> str:
         md += [f"## Accuracy — {a['testbed']}", "",
                f"`.venv/bin/python bench/bench_quari.py accuracy --testbed {testbed} --epochs {a['epochs']}"
                f" --seeds {','.join(map(str, seeds))}"
-               + (f" --encoder {key.split('@', 1)[1]}" if "@" in key else "")
+               + (f" --encoder {key.split('@', 1)[1].split('~')[0]}" if "@" in key else "")
+               + (f" --model {','.join(f'{k}={v}' for k, v in a['model_overrides'].items())}"
+                  if a.get("model_overrides") else "")
                + (f" --lr {a['lr']:g}" if a.get("lr", LR) != LR else "")
                + (f" --batch {a['batch_size']}" if a.get("batch_size", BATCH) != BATCH else "")
                + (f" --variants {','.join(m for m in a['rows'] if m in VARIANTS)}"
@@ -476,15 +500,17 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=LR)
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--variants", help="QuARI variants to train, comma-separated (default: all)")
+    ap.add_argument("--model", help="hypernetwork overrides, e.g. query_residual=0.9,anchor=0.2 (QuARIConfig fields)")
     ap.add_argument("--gallery", type=int, default=1_000_000)
     args = ap.parse_args()
     if args.what == "accuracy":
         seeds = [int(x) for x in args.seeds.split(",")]
         tag = budget_tag(args.epochs, args.lr, args.batch)
+        model = parse_model(args.model)
         key = (f"accuracy_{args.testbed}" + (tag if args.testbed.endswith("-val") else "")
-               + encoder_tag(args.testbed, args.encoder))
+               + encoder_tag(args.testbed, args.encoder) + model_tag(model))
         part = bench_accuracy(args.testbed, args.encoder, args.epochs, seeds, args.lr, args.batch,
-                              args.variants.split(",") if args.variants else None)
+                              args.variants.split(",") if args.variants else None, model)
         if args.no_write:
             print(json.dumps(part["per_seed"], indent=1))
             return
