@@ -7,6 +7,7 @@ ablations, and the latency of low-rank scoring, re-ranking and full search.
     .venv/bin/python bench/bench_quari.py accuracy --testbed world-ilias --epochs 60 --seeds 0,1,2
     .venv/bin/python bench/bench_quari.py accuracy --testbed world-ilias-100k --epochs 60 --seeds 0,1,2
     .venv/bin/python bench/bench_quari.py accuracy --testbed world-inquire --epochs 60 --seeds 0,1,2
+    .venv/bin/python bench/bench_quari.py accuracy --testbed world-ilias-val --model query_residual=0.9,anchor=0.2
     .venv/bin/python bench/bench_quari.py latency
 
 Accuracy trains on the training split (world: train; world-pixel: the held-out pixel
@@ -16,7 +17,9 @@ on their train split — ILIAS instances never in the test set, INQUIRE query te
 never in the test set) from stored embeddings and reports on the test split. Runs go to
 runs/bench/quari-<training set>/ and are reused when present (delete them to retrain):
 world-ilias-100k scores the checkpoints of world-ilias on a 100k gallery and adds full
-search through FAISS (queries/s, recall of the exact QuARI top-k).
+search through FAISS (queries/s, recall of the exact QuARI top-k). ``--model`` overrides
+hypernetwork fields (e.g. how far q' and T may move from the backbone's query and the
+identity: ``query_residual``, ``anchor``); they tag the run folder and the result key.
 """
 
 from __future__ import annotations
