@@ -217,9 +217,9 @@ def render_md(data: dict) -> str:
                    f"{sevs[0]}–{sevs[-1]}", "",
                    md_table([{"method": m, **v} for m, v in g["by_severity"].items()], ["method", *sevs, "mean"],
                             {k: ".2f" for k in [*sevs, "mean"]}), ""]
-            png = f"tta_{key}_r1_per_type.png"
-            if (RESULTS / png).is_file():
-                md += [f"![per type]({png})", ""]
+        png = f"tta_{key}_r1_per_type.png"
+        if corrs and (RESULTS / png).is_file():
+            md += [f"![per type]({png})", ""]
         for s, per in g["streams"].items():
             md += [f"Stream `{s}` (R@1 over the whole stream; curve = R@1 in 10 windows along the stream):", "",
                    md_table([{"method": m, "R@1": v["R@1"], "curve": " ".join(f"{x:.0f}" for x in v["curve_r1"]),
