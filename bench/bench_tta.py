@@ -134,7 +134,7 @@ def bench_forgetting(encoder: str, max_queries: int, methods: list[str | dict]) 
     from qshift.pipeline import Pipeline, PipelineContext
 
     for spec in methods:
-        m = spec if isinstance(spec, str) else spec.get("label", spec["name"])
+        m = spec if isinstance(spec, str) else (spec.get("label") or spec["name"])
         ctx = PipelineContext(grid.encoder, "t2i", gallery=grid.gallery, source_texts=grid.source_texts)
         with Pipeline.from_method(spec, ctx) as pipe:
             stream_scores = pipe.score(raw)
