@@ -61,6 +61,24 @@ def test_model_shapes_and_bad_input():
     assert one.n_steps == 1 and m.n_steps == 3
 
 
+def test_unit_query_head_bounds_the_move_of_q():
+    """With the head normalised, λ bounds the move: cos(q', q) ≥ 2λ − 1, whatever the head's scale."""
+    lam = 0.9
+    for unit in (True, False):
+        m = QuARI(QuARIConfig(dim=16, rank=4, hidden=32, layers=1, heads=2, steps=2, query_residual=lam,
+                              unit_query_head=unit))
+        with torch.no_grad():
+            for p in m.decode_q.parameters():
+                p.mul_(50.0)  # a head whose outputs are far longer than the unit queries
+        q = torch.nn.functional.normalize(torch.randn(64, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+        with torch.no_grad():
+            cos = (m(q)[0] * q).sum(1)
+        if unit:
+            assert cos.min() >= 2 * lam - 1 - 1e-5
+        else:  # the raw head dominates the mix: the bound does not hold
+            assert cos.min() < 2 * lam - 1
+
+
 def test_semi_positives_exclude_self_and_weights():
     rng = np.random.default_rng(1)
     t = _unit(rng, 50, 8)

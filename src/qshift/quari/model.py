@@ -23,6 +23,10 @@ of at the backbone's ranking), and make the difference switchable:
   anchor plus the low-rank map; ``anchor=None`` is the paper's T = UᵀV = Σ_j u_j v_jᵀ.
 * q' = normalise((1 − λ)·MLP(control) + λ·q) with λ = ``query_residual`` (0.5, as in
   the code); λ = 0 is the paper's q' = MLP(control).
+* ``unit_query_head`` (reconstruction, off by default): MLP(control) is normalised before
+  the mix, so that λ alone bounds how far q' moves (cos(q', q) ≥ 2λ − 1). Without it the
+  head's output norm sets the mix: trained on world-ILIAS with λ = 0.9, cos(q', q) was
+  still only ≈ 0.93 — a move larger than the gap between an instance's renderings.
 * The control token is updated residually like the U/V tokens; U/V tokens are dropped
   at random (``token_dropout``, 5 %, as in the code) while training.
 
@@ -52,6 +56,7 @@ class QuARIConfig:
     anchor: float | None = 0.8   # T = I + a·UᵀV/(‖U‖‖V‖); None: T = UᵀV (the paper's form)
     query_residual: float = 0.5  # q' = norm((1-λ)·MLP(control) + λ·q); 0: q' = MLP(control)
     token_dropout: float = 0.05  # training only
+    unit_query_head: bool = False  # normalise MLP(control) before the λ-mix (reconstruction)
 
     def __post_init__(self) -> None:
         for name in ("dim", "rank", "hidden", "layers", "heads", "steps"):
@@ -126,5 +131,8 @@ class QuARI(nn.Module):
             u = u / u.flatten(1).norm(dim=1).clamp_min(1e-8)[:, None, None]
             v = v / v.flatten(1).norm(dim=1).clamp_min(1e-8)[:, None, None]
         lam = self.cfg.query_residual
-        qp = torch.nn.functional.normalize((1 - lam) * self.decode_q(self.norm(ctrl)) + lam * q, dim=-1)
+        head = self.decode_q(self.norm(ctrl))
+        if self.cfg.unit_query_head:
+            head = torch.nn.functional.normalize(head, dim=-1)
+        qp = torch.nn.functional.normalize((1 - lam) * head + lam * q, dim=-1)
         return qp, u, v
