@@ -8,6 +8,7 @@ ablations, and the latency of low-rank scoring, re-ranking and full search.
     .venv/bin/python bench/bench_quari.py accuracy --testbed world-ilias-100k --epochs 60 --seeds 0,1,2
     .venv/bin/python bench/bench_quari.py accuracy --testbed world-inquire --epochs 60 --seeds 0,1,2
     .venv/bin/python bench/bench_quari.py accuracy --testbed world-ilias-val --model query_residual=0.9,anchor=0.2
+    .venv/bin/python bench/bench_quari.py accuracy --testbed world-ilias-val --train hard_negatives=8
     .venv/bin/python bench/bench_quari.py latency
 
 Accuracy trains on the training split (world: train; world-pixel: the held-out pixel
@@ -19,7 +20,8 @@ runs/bench/quari-<training set>/ and are reused when present (delete them to ret
 world-ilias-100k scores the checkpoints of world-ilias on a 100k gallery and adds full
 search through FAISS (queries/s, recall of the exact QuARI top-k). ``--model`` overrides
 hypernetwork fields (e.g. how far q' and T may move from the backbone's query and the
-identity: ``query_residual``, ``anchor``); they tag the run folder and the result key.
+identity: ``query_residual``, ``anchor``) and ``--train`` training fields (e.g.
+``hard_negatives``); both tag the run folder and the result key.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def _metrics(scores: np.ndarray, qrels, k_map: int = 10) -> dict[str, float]:
 def _protocol_testbed(name: str, encoder: str | None, store):
     """World-ILIAS (i2i) or World-INQUIRE (t2i): train split's pairs, test split's task."""
     from qshift.encoders import create_encoder
-    from qshift.quari.data import protocol_pairs
+    from qshift.quari.data import protocol_negatives, protocol_pairs
     from qshift.retrieval import build_task
     from qshift.world.protocols import protocol_collection
 
@@ -85,7 +87,7 @@ def _protocol_testbed(name: str, encoder: str | None, store):
                  "world-ilias-val": "world-ilias:val", "world-inquire": "world-inquire:test",
                  "world-inquire-val": "world-inquire:val"}[name]
     train = protocol_collection(f"world-{kind}:train", progress=True)
-    pairs = protocol_pairs(train, enc, store)
+    pairs = (*protocol_pairs(train, enc, store), protocol_negatives(train, enc, store))
     test = protocol_collection(test_spec, progress=True)
     task = build_task(test, enc, direction, store)
     what = (f"{len({i for i in train.meta['protocol']['instance'] if i >= 0})} instances"
@@ -129,7 +131,7 @@ def _testbed(name: str, encoder: str | None):
         test = load_collection(root / "coco-5k-test" / "captions.txt")
         direction = "t2t"
         names = (train.name, test.name)
-    pairs = (*training_pairs(train, enc, direction, store), target_groups(train, direction))
+    pairs = (*training_pairs(train, enc, direction, store), target_groups(train, direction), None)
     task = build_task(test, enc, direction, store)
     desc = (f"{enc.spec}: train on {names[0]} ({len(pairs[0])} pairs), test on {names[1]} "
             f"({len(task.queries)} queries × {len(task.gallery)} gallery, {direction.upper()})")
@@ -148,12 +150,12 @@ def _pipeline_scores(enc, task, method: str | dict) -> np.ndarray:
 
 def _accuracy_one_seed(enc, pairs, task, run_dir: Path, epochs: int, seed: int, k_map: int = 10,
                        lr: float = LR, batch: int = BATCH, variants: list[str] | None = None,
-                       model: dict | None = None) -> tuple[dict, dict]:
+                       model: dict | None = None, train: dict | None = None) -> tuple[dict, dict]:
     """Metrics of every method for one training seed (checkpoints cached per seed)."""
     from qshift.quari import QuARIConfig, QuARITrainConfig, train_quari, train_ta
     from qshift.quari.search import load_ta, save_ta
 
-    (q, t, tof, groups), positive = pairs, task.qrels
+    (q, t, tof, groups, pool), positive = pairs, task.qrels
     tail = "" if seed == 0 else f"-seed{seed}"
     rows = {"zero-shot": _metrics(_pipeline_scores(enc, task, "zero-shot"), positive, k_map)}
     ta_path = run_dir / f"ta{tail}.safetensors"
@@ -173,10 +175,10 @@ def _accuracy_one_seed(enc, pairs, task, run_dir: Path, epochs: int, seed: int, 
         mcfg = QuARIConfig(dim=q.shape[1], **{**MODEL, **(model or {}), **m_over})
         # the fixed epoch budget on every training pair (as the paper); the CLI holds 10 % out by default
         tcfg = QuARITrainConfig(epochs=epochs, batch_size=batch, lr=lr, lr_min=lr / 100, val_fraction=0.0,
-                                seed=seed, **t_over)
+                                seed=seed, **{**(train or {}), **t_over})
         if not (out / "quari.json").is_file():
             train_quari(q, t, tof, mcfg, tcfg, out, backbone=enc.fingerprint(), projection=p if on_ta else None,
-                        groups=groups)
+                        groups=groups, negatives=pool)
         train_seconds[name] = sum(r["seconds"] for r in read_json(out / "quari.json")["log"])
         rows[name] = _metrics(_pipeline_scores(enc, task, {"name": "quari", "checkpoint": str(out)}), positive, k_map)
         if name == "QuARI":
@@ -191,16 +193,24 @@ def encoder_tag(testbed: str, encoder: str | None) -> str:
     return f"@{encoder}" if testbed in K_MAP and encoder not in (None, "world:mini-clip") else ""
 
 
-def parse_model(spec: str | None) -> dict:
-    """``--model query_residual=0.9,anchor=0.2`` → hypernetwork overrides of :data:`MODEL`
-    (``none`` for None; numbers as numbers)."""
-    from qshift.quari import QuARIConfig
+# training fields the runner sets itself (the budget flags and the seeds)
+RUNNER_TRAIN_FIELDS = {"epochs", "batch_size", "lr", "lr_min", "val_fraction", "seed"}
 
+
+def parse_model(spec: str | None, train: bool = False) -> dict:
+    """``--model query_residual=0.9,anchor=0.2`` → hypernetwork overrides of :data:`MODEL`;
+    with ``train``, ``--train hard_negatives=8`` → QuARITrainConfig overrides (``none`` for
+    None; numbers as numbers)."""
+    from qshift.quari import QuARIConfig, QuARITrainConfig
+
+    cls, flag = (QuARITrainConfig, "--train") if train else (QuARIConfig, "--model")
+    banned = RUNNER_TRAIN_FIELDS if train else {"dim"}
     out: dict = {}
     for item in filter(None, (spec or "").split(",")):
         k, sep, v = item.partition("=")
-        if not sep or k not in QuARIConfig.__dataclass_fields__ or k == "dim":
-            raise SystemExit(f"--model: expected KEY=VALUE with KEY a QuARIConfig field, got {item!r}")
+        if not sep or k not in cls.__dataclass_fields__ or k in banned:
+            raise SystemExit(f"{flag}: expected KEY=VALUE with KEY a {cls.__name__} field "
+                             f"(not {', '.join(sorted(banned))}), got {item!r}")
         out[k] = None if v.lower() == "none" else (int(v) if v.lstrip("-").isdigit() else float(v))
     return out
 
@@ -216,20 +226,23 @@ def budget_tag(epochs: int, lr: float = LR, batch: int = BATCH) -> str:
 
 
 def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[int], lr: float = LR,
-                   batch: int = BATCH, variants: list[str] | None = None, model: dict | None = None) -> dict:
+                   batch: int = BATCH, variants: list[str] | None = None, model: dict | None = None,
+                   train: dict | None = None) -> dict:
     """Every method (or ``variants`` of QuARI only) over ``seeds`` training seeds: mean metrics,
     and the headline metric per seed with the ablations' paired differences to full QuARI
     (the seed spread decides what is a gap)."""
     enc, pairs, task, desc = _testbed(testbed, encoder)
     run_dir = RUNS / f"quari-{TRAIN_SET.get(testbed, testbed)}{encoder_tag(testbed, encoder)}"
     if testbed in K_MAP:                    # one folder per budget (the val testbeds compare them)
-        run_dir = run_dir.with_name(run_dir.name + budget_tag(epochs, lr, batch) + model_tag(model or {}))
+        run_dir = run_dir.with_name(run_dir.name + budget_tag(epochs, lr, batch)
+                                    + model_tag({**(model or {}), **(train or {})}))
     run_dir.mkdir(parents=True, exist_ok=True)
     k_map = K_MAP.get(testbed, 10)
     if variants is not None and set(variants) - set(VARIANTS):
         raise SystemExit(f"unknown variants {sorted(set(variants) - set(VARIANTS))}; known: {list(VARIANTS)}")
     variants = None if variants is None else ["QuARI", *[v for v in variants if v != "QuARI"]]  # the reference
-    per_seed = [_accuracy_one_seed(enc, pairs, task, run_dir, epochs, s, k_map, lr, batch, variants, model or {})
+    per_seed = [_accuracy_one_seed(enc, pairs, task, run_dir, epochs, s, k_map, lr, batch, variants, model or {},
+                                   train or {})
                 for s in seeds]
     names = list(per_seed[0][0])
     rows = {k: {m: float(np.mean([r[k][m] for r, _ in per_seed])) for m in per_seed[0][0][k]} for k in names}
@@ -238,7 +251,8 @@ def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[i
     head = "R@1" if testbed not in K_MAP else f"mAP@{k_map}"
     per = {k: [r[k][head] for r, _ in per_seed] for k in names}
     diffs = {k: np.subtract(per[k], per["QuARI"]) for k in VARIANTS if k.startswith("w/o") and k in per}
-    out = {"testbed": desc, "model": {**MODEL, **(model or {})}, "model_overrides": model or {}, "epochs": epochs, "lr": lr, "batch_size": batch, "seeds": seeds,
+    out = {"testbed": desc, "model": {**MODEL, **(model or {})}, "model_overrides": model or {},
+           "train_overrides": train or {}, "epochs": epochs, "lr": lr, "batch_size": batch, "seeds": seeds,
            "metric": head, "rows": rows, "per_seed": per, "sd": {k: sd(v) for k, v in per.items()},
            "train_seconds": per_seed[0][1],
            "quari_gain": rows["QuARI"][head] - rows["zero-shot"][head],
@@ -407,6 +421,8 @@ def render_md(data: dict) -> str:
                + (f" --encoder {key.split('@', 1)[1].split('~')[0]}" if "@" in key else "")
                + (f" --model {','.join(f'{k}={v}' for k, v in a['model_overrides'].items())}"
                   if a.get("model_overrides") else "")
+               + (f" --train {','.join(f'{k}={v}' for k, v in a['train_overrides'].items())}"
+                  if a.get("train_overrides") else "")
                + (f" --lr {a['lr']:g}" if a.get("lr", LR) != LR else "")
                + (f" --batch {a['batch_size']}" if a.get("batch_size", BATCH) != BATCH else "")
                + (f" --variants {','.join(m for m in a['rows'] if m in VARIANTS)}"
@@ -504,16 +520,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--variants", help="QuARI variants to train, comma-separated (default: all)")
     ap.add_argument("--model", help="hypernetwork overrides, e.g. query_residual=0.9,anchor=0.2 (QuARIConfig fields)")
+    ap.add_argument("--train", help="training overrides, e.g. hard_negatives=8 (QuARITrainConfig fields)")
     ap.add_argument("--gallery", type=int, default=1_000_000)
     args = ap.parse_args()
     if args.what == "accuracy":
         seeds = [int(x) for x in args.seeds.split(",")]
         tag = budget_tag(args.epochs, args.lr, args.batch)
-        model = parse_model(args.model)
+        model, train = parse_model(args.model), parse_model(args.train, train=True)
         key = (f"accuracy_{args.testbed}" + (tag if args.testbed.endswith("-val") else "")
-               + encoder_tag(args.testbed, args.encoder) + model_tag(model))
+               + encoder_tag(args.testbed, args.encoder) + model_tag({**model, **train}))
         part = bench_accuracy(args.testbed, args.encoder, args.epochs, seeds, args.lr, args.batch,
-                              args.variants.split(",") if args.variants else None, model)
+                              args.variants.split(",") if args.variants else None, model, train)
         if args.no_write:
             print(json.dumps(part["per_seed"], indent=1))
             return

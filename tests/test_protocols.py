@@ -126,6 +126,10 @@ def test_quari_cli_trains_on_a_protocol_set(sets, tmp_path, monkeypatch):
                                    "-o", str(tmp_path / "q"), *small, "--json"])
     assert res.exit_code == 0, res.output
     assert len(json.loads(res.stdout)["log"]) == 1 and (tmp_path / "q" / "model.safetensors").is_file()
+    res = CliRunner().invoke(app, ["quari", "train", "world-ilias:test-150", "--direction", "i2i", "--hard-negatives",
+                                   "3", "-o", str(tmp_path / "qh"), *small, "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "qh" / "quari.json").read_text())["train"]["hard_negatives"] == 3
     res = CliRunner().invoke(app, ["quari", "train", "world-ilias:test-150", "--direction", "t2i",
                                    "-o", str(tmp_path / "q2"), *small])
     assert res.exit_code != 0 and "trains i2i, not t2i" in res.output
@@ -152,7 +156,7 @@ def test_quari_training_pairs_of_both_protocols(sets, tiny_clip, tmp_path):
     relevant image), capped and grouped by query; both train QuARI."""
     from qshift.data.collection import load_collection
     from qshift.quari import QuARIConfig, QuARITrainConfig, train_quari
-    from qshift.quari.data import pairs_and_groups, protocol_pairs
+    from qshift.quari.data import pairs_and_groups, protocol_negatives, protocol_pairs
     from qshift.store import EmbeddingStore
 
     _, ilias, inquire = sets
@@ -169,6 +173,8 @@ def test_quari_training_pairs_of_both_protocols(sets, tiny_clip, tmp_path):
         assert a != b and inst[a] == inst[b] == groups[tof[qi]] >= 0   # another rendering of the same instance
     with pytest.raises(InputError, match="trains i2i, not t2i"):
         pairs_and_groups(coll, tiny_clip, "t2i", store, progress=False)
+    pool = protocol_negatives(coll, tiny_clip, store, progress=False)             # near-duplicates + distractors
+    assert len(pool) == (inst < 0).sum() == len(inst) - 80 and np.allclose(pool, image[inst < 0])
     qcoll = load_collection(inquire)
     qcoll.meta["protocol"] = pq = _protocol(inquire)
     q2, t2, tof2, g2 = protocol_pairs(qcoll, tiny_clip, store, max_positives=4, progress=False)
@@ -182,6 +188,7 @@ def test_quari_training_pairs_of_both_protocols(sets, tiny_clip, tmp_path):
                       QuARITrainConfig(epochs=2, batch_size=8, val_fraction=0.0), tmp_path / "run",
                       progress=False, groups=groups)
     assert len(res["log"]) == 2 and np.isfinite(res["log"][-1]["loss"])
+    assert protocol_negatives(qcoll, tiny_clip, store, progress=False) is None
     bad = load_collection(ilias)
     bad.meta["protocol"] = {**p, "seed": 3}
     with pytest.raises(InputError, match="other renderings"):

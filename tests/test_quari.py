@@ -8,7 +8,7 @@ from qshift.quari import (QuARI, QuARIConfig, QuARITrainConfig, load_quari, quar
                           quari_search, save_ta, train_quari, train_ta)
 from qshift.quari.scoring import (lowrank_scores, lowrank_scores_numpy, materialize, materialized_scores,
                                   search_vectors)
-from qshift.quari.train import semi_positives
+from qshift.quari.train import hard_negative_rows, quari_loss, semi_positives
 
 
 def _unit(rng, n, e):
@@ -86,6 +86,37 @@ def test_semi_positives_exclude_self_and_weights():
     assert idx.shape == (50, 2) and (idx != np.arange(50)[:, None]).all()
     sims = (t[:, None] * t[idx]).sum(-1)
     assert (sims[:, 0] >= sims[:, 1] - 1e-6).all() and (w[:, 0] >= w[:, 1]).all() and (w > 0).all()
+
+
+
+def test_hard_negatives_are_nearest_non_positives():
+    rng = np.random.default_rng(2)
+    t, pool = _unit(rng, 40, 8), _unit(rng, 30, 8)
+    groups = np.repeat(np.arange(20), 2)
+    idx = hard_negative_rows(t, 5, groups, pool)
+    cand, cand_g = np.concatenate([t, pool]), np.concatenate([groups, np.full(30, -1)])
+    assert idx.shape == (40, 5) and (cand_g[idx] != groups[:, None]).all()      # never the own group
+    for i in range(40):                                                           # the 5 nearest others
+        sims = cand @ t[i]
+        sims[cand_g == groups[i]] = -np.inf
+        assert set(idx[i]) == set(np.argsort(-sims)[:5])
+    assert (idx >= 40).any()                                                      # the pool takes part
+    with pytest.raises(InputError, match="hard negatives"):
+        hard_negative_rows(t[:4], 5, groups[:4])
+
+
+def test_hard_negative_columns_raise_the_loss_unless_masked():
+    torch.manual_seed(0)
+    model = QuARI(QuARIConfig(dim=8, rank=2, hidden=16, layers=1, heads=2, steps=1, token_dropout=0)).eval()
+    q = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    d = torch.nn.functional.normalize(q + 0.1 * torch.randn(4, 8), dim=-1)
+    base = quari_loss(model, q, d, None, None, 0.07)
+    hard = d.clone()                                   # each row's own positive, as a "negative"
+    unmasked = quari_loss(model, q, d, None, None, 0.07, hard)
+    own = quari_loss(model, q, d, None, None, 0.07, hard, torch.eye(4, dtype=torch.bool))
+    assert unmasked > own > base                       # the own-group copy is left out, the others count
+    assert torch.allclose(quari_loss(model, q, d, None, None, 0.07, hard, torch.ones(4, 4, dtype=torch.bool)),
+                          base, atol=1e-5)
 
 
 def _toy(rng, n=200, e=16, k=2, info=4):
@@ -253,3 +284,21 @@ def test_cli_train_ta_and_quari_from_store(image_collection, tmp_path):
     assert proj is not None and meta["backbone"].startswith("openclip:qshift-tiny-vit") and model.cfg.rank == 2
     r = run("quari", "train", image_collection, "-o", tmp_path / "q2", "--direction", "i2t", *common)
     assert r.exit_code != 0 and "direction must be one of t2i, t2t" in r.output
+
+
+def test_training_with_hard_negatives_and_a_pool(tmp_path):
+    rng = np.random.default_rng(0)
+    q, t, tof = _toy(rng, n=100)
+    mcfg = QuARIConfig(dim=16, rank=4, hidden=32, layers=1, heads=2, steps=1)
+    cfg = QuARITrainConfig(epochs=30, batch_size=25, lr=3e-3, n_neighbors=10, hard_negatives=4, val_fraction=0)
+    res = train_quari(q, t, tof, mcfg, cfg, tmp_path / "run", progress=False, negatives=_unit(rng, 50, 16))
+    assert np.isfinite([r["loss"] for r in res["log"]]).all()
+    assert res["log"][-1]["loss"] < res["log"][0]["loss"] * 0.9
+    model, _, _ = load_quari(tmp_path / "run")
+    qs = q[::2]
+    assert (quari_scores(model, qs, t).argmax(1) == np.arange(len(t))).mean() > ((qs @ t.T).argmax(1) ==
+                                                                                np.arange(len(t))).mean()
+    with pytest.raises(InputError, match="negatives must be an N × 16"):
+        train_quari(q, t, tof, mcfg, cfg, tmp_path / "bad", progress=False, negatives=_unit(rng, 5, 8))
+    with pytest.raises(InputError, match="hard_negatives must be >= 0"):
+        QuARITrainConfig(hard_negatives=-1)

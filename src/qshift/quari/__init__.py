@@ -22,7 +22,7 @@ _WHERE = {
     "load_ta": "search", "QuARIStage": "stage", "TAStage": "stage",
     "lowrank_scores": "scoring", "materialized_scores": "scoring",
     "training_pairs": "data", "target_groups": "data", "pairs_and_groups": "data",
-    "protocol_pairs": "data",
+    "protocol_pairs": "data", "protocol_negatives": "data",
 }
 __all__ = sorted(_WHERE)
 

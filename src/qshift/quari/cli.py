@@ -17,14 +17,17 @@ DirectionOpt = typer.Option("t2i", help="t2i (caption → image) or t2t (caption
 
 
 def _pairs(collection: Path, encoder: str, direction: str, store: Optional[Path], fmt: str,
-           limit: Optional[int], captions_per_item: int, progress: bool):
+           limit: Optional[int], captions_per_item: int, progress: bool, negatives: bool = False):
+    """(encoder, (queries, targets, target_of), groups, a protocol set's negatives pool or None)."""
     from qshift.encoders import create_encoder
-    from qshift.quari.data import pairs_and_groups
+    from qshift.quari.data import pairs_and_groups, protocol_negatives
 
     coll = _collection(collection, fmt, limit, captions_per_item, None, "train")
     enc = create_encoder(encoder)
     *pairs, groups = pairs_and_groups(coll, enc, direction, _store(store), progress=progress)
-    return enc, tuple(pairs), groups
+    pool = (protocol_negatives(coll, enc, _store(store), progress=progress)
+            if negatives and "protocol" in coll.meta else None)
+    return enc, tuple(pairs), groups, pool
 
 
 @app.command()
@@ -39,6 +42,8 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
           one_step: bool = typer.Option(False, help="Ablation: no iterative generation."),
           semi_positives: bool = typer.Option(True, help="--no-semi-positives: ablation."),
           noise: bool = typer.Option(True, help="--no-noise: ablation."),
+          hard_negatives: int = typer.Option(0, help="Per target, its N nearest non-positives join the batch as "
+                                             "negatives (reconstruction; a world-ilias set adds its near-duplicates)."),
           anchor: Optional[float] = typer.Option(0.8, help="T = I + a·UVᵀ (authors' code); 0 → T = UVᵀ (paper)."),
           ta: Optional[Path] = typer.Option(None, help="Train on features projected by this TA map (TA + QuARI)."),
           val_fraction: float = typer.Option(0.1, help="Share of targets held out (≤ 1,000) to pick the best epoch."),
@@ -51,14 +56,15 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
     """
     from qshift.quari import QuARIConfig, QuARITrainConfig, load_ta, train_quari
 
-    enc, (q, t, tof), groups = _pairs(collection, encoder, direction, store, fmt, limit, captions_per_item,
-                                      not as_json)
+    enc, (q, t, tof), groups, pool = _pairs(collection, encoder, direction, store, fmt, limit, captions_per_item,
+                                            not as_json, negatives=hard_negatives > 0)
     mcfg = QuARIConfig(dim=q.shape[1], rank=rank, hidden=hidden, layers=layers, heads=heads, steps=steps,
                        one_step=one_step, anchor=anchor or None)
     tcfg = QuARITrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, noise=noise,
-                            semi_positives=semi_positives, val_fraction=val_fraction, seed=seed)
+                            semi_positives=semi_positives, hard_negatives=hard_negatives,
+                            val_fraction=val_fraction, seed=seed)
     res = train_quari(q, t, tof, mcfg, tcfg, out_dir, backbone=enc.fingerprint(), progress=not as_json,
-                      projection=None if ta is None else load_ta(ta), groups=groups)
+                      projection=None if ta is None else load_ta(ta), groups=groups, negatives=pool)
     if as_json:
         _print_json(res)
     else:
@@ -85,8 +91,8 @@ def ta_(collection: Path = typer.Argument(..., help="Training collection (file o
     """
     from qshift.quari import save_ta, train_ta
 
-    enc, (q, t, tof), groups = _pairs(collection, encoder, direction, store, fmt, limit, captions_per_item,
-                                      not as_json)
+    enc, (q, t, tof), groups, _ = _pairs(collection, encoder, direction, store, fmt, limit, captions_per_item,
+                                         not as_json)
     p = train_ta(q, t, tof, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=not as_json,
                  groups=groups)
     save_ta(out_path, p, backbone=enc.fingerprint())

@@ -13,6 +13,8 @@
 * World-INQUIRE (``t2i``): a query with many relevant images gives one target per
   (query, relevant image), at most ``max_positives`` of them (sampled, seeded), grouped by
   query, so a batch holds each query once with one of its relevant images.
+* :func:`protocol_negatives`: a World-ILIAS training set's near-duplicates and
+  distractors, the pool of QuARI's optional hard negatives.
 """
 
 from __future__ import annotations
@@ -119,3 +121,17 @@ def protocol_pairs(collection: Collection, encoder: Encoder, store: EmbeddingSto
     # one query row per target (the same text vector repeated), so target_of is the identity
     return (text.vectors[groups], image.vectors[np.asarray(tgt_rows)], np.arange(len(groups), dtype=np.int64),
             groups)
+
+
+def protocol_negatives(collection: Collection, encoder: Encoder, store: EmbeddingStore, *,
+                       progress: bool = True) -> np.ndarray | None:
+    """The image vectors of a World-ILIAS training set's rows that belong to no instance (its
+    near-duplicates and distractors); None for other sets, whose non-relevant images depend
+    on the query."""
+    from qshift.world.protocols import checked_protocol
+
+    p = checked_protocol(collection)
+    if p["kind"] != "ilias":
+        return None
+    image = store.encode(encoder, collection, IMAGE, progress=progress)
+    return image.vectors[np.flatnonzero(np.asarray(p["instance"]) < 0)]

@@ -15,6 +15,12 @@
   space, itself excluded); the top 2 join the batch's candidate columns with weight
   α = softmax(cos / τ_sp) over the 100 (τ_sp = the contrastive τ; the paper does not
   give one).
+* Hard negatives (reconstruction, off by default: ``hard_negatives`` = 0): the paper's
+  batches hold random in-batch negatives only, which a few thousand instances make easy;
+  for instance retrieval, whose galleries hold near-duplicates, every target's
+  ``hard_negatives`` nearest non-positives (backbone space; other groups' training targets
+  and an optional ``negatives`` pool, e.g. the train split's near-duplicate distractors)
+  join the batch as columns with α = 0. Validation picks whether to use them.
 * Loss (Eq. 9–10): S_ij = cos(q'_i, T_i d_j) / τ (τ = 0.07) over the batch's targets and
   semi-positives, symmetric: rows over all candidate columns with targets α, columns
   over the batch's queries for the positives.
@@ -65,6 +71,7 @@ class QuARITrainConfig:
     semi_positives: bool = True
     n_neighbors: int = 100
     n_semi: int = 2
+    hard_negatives: int = 0      # per target, nearest non-positives as extra columns (reconstruction)
     val_fraction: float = 0.1
     seed: int = 0
 
@@ -74,6 +81,8 @@ class QuARITrainConfig:
                              f"{self.batch_size}")
         if not 0 < self.lr < 1:
             raise InputError(f"quari train: lr must be in (0, 1), got {self.lr}")
+        if self.hard_negatives < 0:
+            raise InputError(f"quari train: hard_negatives must be >= 0, got {self.hard_negatives}")
         if not 0 <= self.val_fraction <= 0.5:
             raise InputError(f"quari train: val_fraction must be in [0, 0.5], got {self.val_fraction}")
 
@@ -121,13 +130,38 @@ def semi_positives(targets: np.ndarray, n_neighbors: int, n_semi: int, tau: floa
     return idx[:, :n_semi], w[:, :n_semi].astype(np.float32)
 
 
+def hard_negative_rows(targets: np.ndarray, n: int, groups: np.ndarray | None = None,
+                       pool: np.ndarray | None = None) -> np.ndarray:
+    """The ``n`` nearest non-positives of every target (backbone cosine): rows of
+    ``targets`` of another group, or of ``pool`` (numbered after the targets)."""
+    import faiss
+
+    groups = np.arange(len(targets)) if groups is None else groups
+    cand = targets if pool is None else np.concatenate([targets, pool])
+    cand_groups = np.concatenate([groups, np.full(len(cand) - len(targets), -1)])
+    if len(cand) - int(np.bincount(groups).max()) < n:
+        raise InputError(f"quari: {n} hard negatives per target need more candidates than the {len(cand)} given")
+    k = min(n + int(np.bincount(groups).max()), len(cand))
+    index = faiss.IndexFlatIP(cand.shape[1])
+    index.add(np.ascontiguousarray(cand, dtype=np.float32))
+    sims, idx = index.search(np.ascontiguousarray(targets, dtype=np.float32), k)
+    sims = np.where((idx < 0) | (cand_groups[np.maximum(idx, 0)] == groups[:, None]), -np.inf, sims)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :n]
+    return np.take_along_axis(idx, order, 1)
+
+
 def quari_loss(model: QuARI, q: torch.Tensor, d: torch.Tensor, semi: torch.Tensor | None,
-               alpha: torch.Tensor | None, tau: float) -> torch.Tensor:
-    """Eq. 9–10 for one batch: q, d (B × E); semi (B·n_semi × E) with weights alpha (B × n_semi)."""
+               alpha: torch.Tensor | None, tau: float, hard: torch.Tensor | None = None,
+               hard_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 9–10 for one batch: q, d (B × E); semi (B·n_semi × E) with weights alpha (B × n_semi);
+    ``hard``: extra negative columns (α = 0), ``hard_mask`` (B × len(hard)): True where a
+    hard column belongs to that row's own group (left out of its softmax)."""
     b = len(q)
     qp, u, v = model(q)
-    cols = d if semi is None else torch.cat([d, semi])
+    cols = torch.cat([x for x in (d, semi, hard) if x is not None])
     s = lowrank_scores(qp, u, v, cols, model.cfg.anchor) / tau                        # S_ij = cos(q'_i, T_i d_j) / τ
+    if hard is not None and hard_mask is not None:
+        s = torch.cat([s[:, :len(cols) - len(hard)], s[:, len(cols) - len(hard):].masked_fill(hard_mask, -1e4)], 1)
     target = torch.zeros_like(s)
     target[torch.arange(b), torch.arange(b)] = 1.0                    # α_ii = 1
     if semi is not None and alpha is not None:
@@ -195,16 +229,21 @@ def held_out_r1(model: QuARI | None, q: torch.Tensor, d: torch.Tensor, target_of
 
 def train_quari(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray, model_cfg: QuARIConfig,
                 cfg: QuARITrainConfig, out_dir: str | Path, *, backbone: str = "", progress: bool = True,
-                projection: np.ndarray | None = None, groups: np.ndarray | None = None) -> dict:
+                projection: np.ndarray | None = None, groups: np.ndarray | None = None,
+                negatives: np.ndarray | None = None) -> dict:
     """Train (or resume) QuARI; writes ``model.safetensors`` + ``quari.json`` into ``out_dir``.
-    ``groups``: the group of every target (see the module's docstring), or None."""
+    ``groups``: the group of every target (see the module's docstring), or None;
+    ``negatives``: a pool of non-relevant vectors for ``cfg.hard_negatives``."""
     check_pairs(queries, targets, target_of, groups)
     if model_cfg.dim != queries.shape[1]:
         raise InputError(f"quari: model dim {model_cfg.dim} ≠ embedding dim {queries.shape[1]}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if negatives is not None and (negatives.ndim != 2 or negatives.shape[1] != targets.shape[1]):
+        raise InputError(f"quari: negatives must be an N × {targets.shape[1]} array, got shape {negatives.shape}")
     if projection is not None:
         queries, targets = project(queries, projection), project(targets, projection)
+        negatives = None if negatives is None else project(negatives, projection)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = QuARI(model_cfg)
@@ -219,6 +258,20 @@ def train_quari(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray,
         sp_idx = np.zeros((len(targets), cfg.n_semi), np.int64)
         sp_w = np.zeros((len(targets), cfg.n_semi), np.float32)
         sp_idx[usable], sp_w[usable] = usable[local_idx], local_w
+    hard_t = hn_idx = None
+    if cfg.hard_negatives:                                                  # among training targets + pool
+        extra = 0 if sp_idx is None else cfg.n_semi              # a semi-positive is never also a negative
+        local = hard_negative_rows(targets[usable], cfg.hard_negatives + extra,
+                                   None if groups is None else groups[usable], negatives)
+        rows = np.concatenate([usable, len(targets) + np.arange(0 if negatives is None else len(negatives))])[local]
+        if extra:
+            keep = ~(rows[:, :, None] == sp_idx[usable][:, None, :]).any(2)
+            rows = np.stack([r[k][:cfg.hard_negatives] for r, k in zip(rows, keep)])
+        hn_idx = np.zeros((len(targets), cfg.hard_negatives), np.int64)
+        hn_idx[usable] = rows
+        hard_t = dt if negatives is None else torch.cat([dt, torch.from_numpy(negatives.astype(np.float32))])
+        hard_g = np.concatenate([np.arange(len(targets)) if groups is None else groups,
+                                 np.full(len(hard_t) - len(targets), -1)])
     val_qi = np.concatenate([by_target[t] for t in val]).astype(np.int64)[:VAL_MAX_QUERIES] if len(val) else None
     if val_qi is not None:
         val_pos = np.searchsorted(val, target_of[val_qi])
@@ -254,7 +307,13 @@ def train_quari(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray,
                     alpha = torch.from_numpy(sp_w[tgt])
                 for g in opt.param_groups:                                  # cosine schedule
                     g["lr"] = cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * step / max(1, total)))
-                loss = quari_loss(model, q, dt[tgt], semi, alpha, cfg.temperature)
+                hard = mask = None
+                if hn_idx is not None:                    # another row's own group is not its negative
+                    cols = hn_idx[tgt].reshape(-1)
+                    hard = hard_t[cols]
+                    own = tgt if groups is None else groups[tgt]
+                    mask = torch.from_numpy(hard_g[cols][None, :] == own[:, None])
+                loss = quari_loss(model, q, dt[tgt], semi, alpha, cfg.temperature, hard, mask)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
