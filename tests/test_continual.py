@@ -271,6 +271,11 @@ def test_the_protocol_end_to_end_and_resumes(tiny_world, tmp_path, monkeypatch):
     stamp = (out / "order0" / "dar" / "step1.json").stat().st_mtime_ns
     run_continual(cfg, tmp_path / "res", EmbeddingStore(tmp_path / "st"), progress=False)  # resumes: no rerun
     assert (out / "order0" / "dar" / "step1.json").stat().st_mtime_ns == stamp
+    import dataclasses                                  # another list of orders reuses the finished ones
+
+    run_continual(dataclasses.replace(cfg, orders=[0]), tmp_path / "res", EmbeddingStore(tmp_path / "st"),
+                  progress=False)
+    assert (out / "order0" / "dar" / "step1.json").stat().st_mtime_ns == stamp
 
 
 def test_bad_configs(tmp_path):

@@ -194,7 +194,10 @@ def run_continual(cfg: ContinualConfig, out: Path | None = None, store: Any = No
     data = DomainSet(cfg, probe, store)
     names = [cfg.domain_name(d) for d in cfg.domains]
     oods = [cfg.domain_name(d) for d in cfg.ood]
-    key = stable_hash({**asdict(cfg), "methods": None, "out": None, "encoder_fp": probe.fingerprint()})[:16]
+    # what a step's result depends on: not the list of methods or orders (each order and method
+    # has its own folder, so adding one reuses the others) nor the output folder
+    key = stable_hash({**asdict(cfg), "methods": None, "orders": None, "out": None,
+                       "encoder_fp": probe.fingerprint()})[:16]
     write_json(out / "config.json", {**asdict(cfg), "key": key})
     runs = [(o, m) for o in cfg.orders for m in cfg.methods]
     shared_key = key
