@@ -402,6 +402,15 @@ def _legacy(a: dict) -> dict:
             "quari_gain": a["quari_gain_r1"], "ablation_minus_full": a.get("ablation_minus_full_r1", {})}
 
 
+ROW_ORDER = ("zero-shot", "TA", "QuARI", "QuARI, re-rank top-100", "TA + QuARI")
+
+
+def _ordered(rows: dict) -> list[str]:
+    """Methods in a fixed order (baselines, QuARI, then ablations) whether the rows come fresh
+    from a run or back from the sorted JSON."""
+    return sorted(rows, key=lambda m: (ROW_ORDER.index(m) if m in ROW_ORDER else len(ROW_ORDER), m))
+
+
 ACCURACY = ("world", "world-pixel", "coco", "world-ilias-val", "world-ilias", "world-ilias-100k", "world-inquire-val",
             "world-inquire")
 
@@ -419,15 +428,15 @@ def render_md(data: dict) -> str:
                f"`.venv/bin/python bench/bench_quari.py accuracy --testbed {testbed} --epochs {a['epochs']}"
                f" --seeds {','.join(map(str, seeds))}"
                + (f" --encoder {key.split('@', 1)[1].split('~')[0]}" if "@" in key else "")
-               + (f" --model {','.join(f'{k}={v}' for k, v in a['model_overrides'].items())}"
+               + (f" --model {','.join(f'{k}={v}' for k, v in sorted(a['model_overrides'].items()))}"
                   if a.get("model_overrides") else "")
-               + (f" --train {','.join(f'{k}={v}' for k, v in a['train_overrides'].items())}"
+               + (f" --train {','.join(f'{k}={v}' for k, v in sorted(a['train_overrides'].items()))}"
                   if a.get("train_overrides") else "")
                + (f" --lr {a['lr']:g}" if a.get("lr", LR) != LR else "")
                + (f" --batch {a['batch_size']}" if a.get("batch_size", BATCH) != BATCH else "")
-               + (f" --variants {','.join(m for m in a['rows'] if m in VARIANTS)}"
+               + (f" --variants {','.join(m for m in VARIANTS if m in a['rows'])}"
                   if not set(VARIANTS) <= set(a["rows"]) else "")
-               + f"` (hypernetwork {a['model']}, batch {a.get('batch_size')}, "
+               + f"` (hypernetwork {dict(sorted(a['model'].items()))}, batch {a.get('batch_size')}, "
                f"lr {a.get('lr')}; metrics are means over {len(seeds)} training seed(s))", ""]
         if testbed in K_MAP:
             k = K_MAP[testbed]
@@ -438,7 +447,7 @@ def render_md(data: dict) -> str:
         rows = [{"method": m, **{c: v[c] * (100 if c == "MRR" else 1) for c in cols},
                  f"{head} sd": a["sd"].get(m, 0.0),
                  f"{head} per seed": " ".join(f"{x:.2f}" for x in a["per_seed"].get(m, [])),
-                 "train s": a["train_seconds"].get(m, 0.0)} for m, v in a["rows"].items()]
+                 "train s": a["train_seconds"].get(m, 0.0)} for m, v in ((m, a["rows"][m]) for m in _ordered(a["rows"]))]
         gaps = a["ablation_minus_full"]
         md += [md_table(rows, ["method", *cols, *extra, "train s"],
                         {c: ".2f" for c in [*cols, f"{head} sd", "train s"]}), "",
