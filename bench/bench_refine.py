@@ -46,8 +46,11 @@ def bench_grid(config: Path) -> dict:
         a = c.get("stage_info", {}).get("adapt")
         if a:
             share.setdefault(c["method"], []).append(a.get("learning_share", 1.0))
+    from qshift.methods import method_label
+
     summary: dict = {"config": str(config), "run": str(out), "queries": cells[0]["queries"] if cells else 0,
                      "encoder": cfg.encoder, "collection": cfg.collection, "r1": r1,
+                     "methods": [method_label(m) for m in cfg.methods],
                      "learning_share": {m: float(np.mean(v)) for m, v in share.items()}, "severities": {}}
     zs = r1.get("zero-shot", {})
     for sev in sorted({s for v in r1.values() for s in v}):
@@ -141,6 +144,15 @@ def bench_epcl_cost(reps: int = 5) -> dict:
     return {"batch": 64, "rows": rows}
 
 
+def _ordered(names, order: list[str]) -> list[str]:
+    """``names`` in the config's method order (JSON is written with sorted keys), any
+    others after them sorted; sections from before the order was recorded fall back to
+    zero-shot first."""
+    order = order or ["zero-shot"]
+    rank = {m: i for i, m in enumerate(order)}
+    return sorted(names, key=lambda m: (rank.get(m, len(rank)), m))
+
+
 def render(data: dict) -> str:
     md = ["# ReEx: query repair, confidence-guided fusion, EPCL (issue 16)", ""]
     for key, g in data.get("grids", {}).items():
@@ -149,14 +161,15 @@ def render(data: dict) -> str:
                f"`{g['run']}/`)", ""]
         for sev, part in g["severities"].items():
             types = part["types"]
-            rows = [{"method": m, **{t[:9]: g["r1"][m][sev][t] for t in types}, **v}
-                    for m, v in part["rows"].items()]
+            rows = [{"method": m, **{t[:9]: g["r1"][m][sev][t] for t in types}, **part["rows"][m]}
+                    for m in _ordered(part["rows"], g.get("methods", []))]
             cols = ["method", *[t[:9] for t in types], "char_mean", "mean", "worst_vs_zero_shot"]
             md += [f"R@1 at severity {sev} (columns: corruption types; char_mean: the six character-level types)",
                    "", md_table(rows, cols, {c: ".1f" for c in cols[1:]} | {"worst_vs_zero_shot": "+.1f"}), ""]
         if g["learning_share"]:
             md += ["Share of queries each adaptation method learnt from (mean over batches and cells): " +
-                   ", ".join(f"{m} {v:.2f}" for m, v in g["learning_share"].items()), ""]
+                   ", ".join(f"{m} {g['learning_share'][m]:.2f}"
+                             for m in _ordered(g["learning_share"], g.get("methods", []))), ""]
     if "latency" in data:
         lat = data["latency"]
         md += ["## Repair latency (COCO test queries with keyboard noise at severity 5)", "",
