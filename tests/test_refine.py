@@ -53,15 +53,17 @@ def test_guards(orig, rew, why):
 
 @settings(max_examples=100, deadline=None)
 @given(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.floats(0.25, 4), st.floats(0, 1),
-       st.sampled_from(["none", "gain"]))
-def test_repair_weight_bounds_and_monotonicity(c_o, c_r, d, beta, w_max, gate):
-    w = float(repair_weight(np.array([c_o]), np.array([c_r]), beta, w_max, gate)[0])
+       st.sampled_from(["none", "gain"]), st.sampled_from([1.0, 0.5, 3.0, 30.0]))
+def test_repair_weight_bounds_and_monotonicity(c_o, c_r, d, beta, w_max, gate, prior):
+    w = float(repair_weight(np.array([c_o]), np.array([c_r]), beta, w_max, gate, prior)[0])
     assert 0 <= w <= w_max + 1e-12
-    up = float(repair_weight(np.array([c_o]), np.array([min(1, c_r + d)]), beta, w_max, gate)[0])
-    down = float(repair_weight(np.array([min(1, c_o + d)]), np.array([c_r]), beta, w_max, gate)[0])
+    up = float(repair_weight(np.array([c_o]), np.array([min(1, c_r + d)]), beta, w_max, gate, prior)[0])
+    down = float(repair_weight(np.array([min(1, c_o + d)]), np.array([c_r]), beta, w_max, gate, prior)[0])
     assert up >= w - 1e-12 and down <= w + 1e-12  # grows with the repair's confidence, falls with the original's
+    more = float(repair_weight(np.array([c_o]), np.array([c_r]), beta, w_max, gate, 2 * prior)[0])
+    assert more >= w - 1e-12  # and with the repair's prior odds
     if c_o == 1.0:
-        assert w <= w_max / 2 + 1e-12  # a fully confident original is never outweighed
+        assert w <= w_max * prior / (1 + prior) + 1e-12  # a fully confident original holds its share
     if gate == "gain" and c_r <= c_o:
         assert w == 0.0  # only a repair more confident than the original counts
     if gate == "gain" and c_r > c_o and w_max > 0 and beta == 1.0:
@@ -170,6 +172,7 @@ def test_long_empty_and_odd_queries(words):
     ({"mode": "replace", "beta": 2}, "fusion options; mode replace has none"),
     ({"confidence": "median"}, "confidence must be one of"),
     ({"gate": "always"}, "gate must be one of none, gain"),
+    ({"prior": 0}, "prior must be > 0"),
     ({"fallback": [{"nope": {}}]}, "unknown refine backend 'nope'"),
     ({"fallback": {"openai": {"urll": 1}}}, "refine fallback 'openai': unknown option 'urll'"),
 ])

@@ -34,7 +34,7 @@ from qshift.refine.fusion import ConfidenceFusion
 from qshift.registry import Registry
 
 MODES = ("fuse", "replace")
-FUSION_OPTIONS = ("confidence", "temperature", "beta", "w_max", "min_cos", "gate")
+FUSION_OPTIONS = ("confidence", "temperature", "beta", "w_max", "min_cos", "gate", "prior")
 
 
 class Repairer(Protocol):
