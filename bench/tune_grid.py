@@ -65,6 +65,14 @@ def repair_methods(vocab: object) -> list:
         for beta in (4, 16):  # sharper weights: the more confident version dominates
             out.append({"label": f"spell + fusion {conf} beta {beta} min_cos 0",
                         "pipeline": [{"refine": {"spell": spell, "confidence": conf, "beta": beta, "min_cos": 0.0}}]})
+        # prior odds ρ for the repair: a confidently wrong noisy original no longer keeps half
+        for prior in (3, 10, 30):
+            out.append({"label": f"spell + fusion {conf} prior {prior} min_cos 0",
+                        "pipeline": [{"refine": {"spell": spell, "confidence": conf, "prior": prior,
+                                                 "min_cos": 0.0}}]})
+        out.append({"label": f"spell + fusion {conf} beta 4 prior 10 min_cos 0",
+                    "pipeline": [{"refine": {"spell": spell, "confidence": conf, "beta": 4, "prior": 10,
+                                             "min_cos": 0.0}}]})
         # the gain gate: the repair counts only where it is more confident than the original
         out.append({"label": f"spell + fusion {conf} gain-gate min_cos 0",
                     "pipeline": [{"refine": {"spell": spell, "confidence": conf, "gate": "gain", "min_cos": 0.0}}]})
@@ -191,20 +199,26 @@ def write_tuned(runs: Path = Path("runs/bench")) -> None:
 def summary(names: list[str], runs: Path = Path("runs/bench")) -> None:
     """bench/results/tuning.{json,md}: every row of the val runs ``names`` — mean R@1 over the
     corruption types at severity 5, its gain over zero-shot, the worst type's gain — with
-    each family's pick marked."""
+    each family's pick marked. Sections of runs not named (or not on this machine) are
+    kept as they were, in their order."""
     import json
     import sys
 
     import numpy as np
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import md_table, write_results
+    from common import RESULTS, md_table, previous_results, write_results
 
-    data, md = {}, ["# Validation runs (tune on val, report on test)", "",
-                    "Each row: one setting on the val split; mean R@1 over the corruption types at severity 5, "
-                    "its gain over zero-shot, and the gain on the type where it does worst. **bold**: the best "
-                    "setting of its family (the label before ` τ`), the one the `*-tuned.yaml` configs run on test.",
-                    ""]
+    old = previous_results("tuning")
+    order: list[str] = old.get("order") or []
+    headers: dict[str, str] = old.get("headers") or {}
+    sections = {k: v for k, v in old.items() if isinstance(v, list)}
+    if not order and (RESULTS / "tuning.md").is_file():  # results from before the order was kept
+        lines = (RESULTS / "tuning.md").read_text().splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("## ") and line[3:] in sections:
+                order.append(line[3:])
+                headers[line[3:]] = next((x for x in lines[i + 1:] if x.strip()), "")
     for name in names:
         run = runs / name
         if not (run / "cells.jsonl").is_file():
@@ -227,12 +241,20 @@ def summary(names: list[str], runs: Path = Path("runs/bench")) -> None:
                          "mean_R@1": float(np.mean(list(v.values()))), "gain": float(np.mean(gains)),
                          "worst_type_gain": float(min(gains))})
         cfg = json.loads((run / "config.json").read_text())
-        data[name] = rows
-        md += [f"## {name}", "", f"`qshift bench bench/configs/{name}.yaml` — {cfg.get('encoder')}, "
-               f"{cfg.get('collection')}, {cfg.get('direction')}, {cfg.get('max_queries') or 'all'} queries.", "",
-               md_table(rows, ["method", "mean_R@1", "gain", "worst_type_gain"],
+        sections[name] = rows
+        headers[name] = (f"`qshift bench bench/configs/{name}.yaml` — {cfg.get('encoder')}, "
+                         f"{cfg.get('collection')}, {cfg.get('direction')}, {cfg.get('max_queries') or 'all'} queries.")
+        if name not in order:
+            order.append(name)
+    md = ["# Validation runs (tune on val, report on test)", "",
+          "Each row: one setting on the val split; mean R@1 over the corruption types at severity 5, "
+          "its gain over zero-shot, and the gain on the type where it does worst. **bold**: the best "
+          "setting of its family (the label before ` τ`), the one the `*-tuned.yaml` configs run on test.", ""]
+    for name in order:
+        md += [f"## {name}", "", headers.get(name, ""), "",
+               md_table(sections[name], ["method", "mean_R@1", "gain", "worst_type_gain"],
                         {"mean_R@1": ".2f", "gain": "+.2f", "worst_type_gain": "+.2f"}), ""]
-    write_results("tuning", data, "\n".join(md))
+    write_results("tuning", {**sections, "order": order, "headers": headers}, "\n".join(md))
 
 
 if __name__ == "__main__":
