@@ -17,7 +17,10 @@ that prevents semantic drift. qshift's reading, every choice an option:
   the domain is for — a confident original then holds at most ρ/(1 + ρ)·w_max. Why an
   option: with the symmetric rule a corrupted query's confidently wrong original keeps
   half the weight, and on the world T2I test the fused row fell well below plain
-  replacement (mini-clip char mean 21.7 vs 28.1). ρ is picked on val.
+  replacement (mini-clip char mean 21.7 vs 28.1). ρ is picked on val: on world val
+  ρ = 30 reaches 27.5 against 24.8 (ρ = 1) but plain replacement (28.0) stays best; on
+  COCO dev ρ = 3 leads by one query per type (bench/results/tuning.md), so the default
+  stays 1.
 * **Gate** (``gate``, reconstruction): ``none`` uses w as above; ``gain`` sets w = 0
   unless the repair is more confident than the original (c_r > c_o) — the repair must
   earn its place, which protects queries whose rare but correct words a corrector
