@@ -462,3 +462,39 @@ def test_dar_routes_by_pixel_statistics_when_asked(tiny_clip):
         assert full.router.kind == "gaussian" and full.router.covariance == "full"
     finally:
         full.close()
+
+
+def test_joint_adapter_trains_one_adapter_on_the_union_after_the_last_domain(tiny_clip):
+    """joint-adapter: nothing changes before the last domain; then one adapter, trained on
+    every domain's pairs, serves every input, the tower stays frozen, the contrastive loss
+    on the union falls, and the state round trip gives the same embeddings."""
+    from qshift.continual.methods import Domain, TrainSettings, create_learner
+
+    torch.manual_seed(0)
+    pix = tiny_clip.prepare([np.full((32, 32, 3), c, np.uint8) for c in range(0, 240, 10)], "image")
+    caps = torch.nn.functional.normalize(torch.randn(len(pix), tiny_clip.dim), dim=-1)
+    a, b = Domain("a", pix[:12], caps[:12], np.arange(12)), Domain("b", pix[12:], caps[12:], np.arange(12))
+    s = TrainSettings(epochs=5, batch_size=8, adapter_lr=3e-2, adapter="norm")
+    j = create_learner("joint-adapter", tiny_clip, s, n_domains=2)
+    try:
+        frozen = {k: v.clone() for k, v in j.tower.state_dict().items()}
+        base = j.embed(pix)
+        assert j.learn(a) == {"trained": False} and np.array_equal(j.embed(pix), base)
+        with torch.no_grad():
+            before = float(j.contrastive(torch.from_numpy(base), caps))
+        info = j.learn(b)
+        after_emb = j.embed(pix)
+        with torch.no_grad():
+            after = float(j.contrastive(torch.from_numpy(after_emb), caps))
+        assert info["trained"] and list(j.bank.domains) == ["joint"] and after < before
+        assert all(torch.equal(v, frozen[k]) for k, v in j.tower.state_dict().items())
+        state = j.state_dict()
+    finally:
+        j.close()
+    k = create_learner("joint-adapter", tiny_clip, s, n_domains=2)
+    try:
+        assert np.allclose(k.embed(pix), base, atol=1e-6)
+        k.load_state_dict(state, {"a": a, "b": b})
+        assert np.allclose(k.embed(pix), after_emb, atol=1e-6)
+    finally:
+        k.close()
