@@ -115,6 +115,45 @@ def test_router_ood_quantile_sends_far_inputs_to_the_base_model():
         PrototypeRouter("enc#0", ood_quantile=1.0)
 
 
+def test_router_base_candidate_keeps_what_looks_like_the_source_on_the_base_model():
+    """add_base: inputs nearer the base model's own source distribution than to any domain
+    get no adapter weight (hard and soft), a domain's inputs keep theirs, the soft weights
+    of an input between the two split the mass (rest to the base), and the base prototype
+    survives a state round trip; without it the same inputs are adapted."""
+    from qshift.continual.router import PrototypeRouter
+
+    rng = np.random.default_rng(0)
+    blob = lambda n, c, sd=0.3: rng.standard_normal((n, 6)) * sd + c  # noqa: E731
+    centres = {"fog": 4 * np.eye(6)[0], "noise": 4 * np.eye(6)[1], "source": 2.2 * np.eye(6)[0]}
+    for mode in ("hard", "soft"):
+        r = PrototypeRouter("enc#0", mode, top_k=2, temperature=0.2, kind="gaussian", ood_quantile=0.02)
+        off = PrototypeRouter("enc#0", mode, top_k=2, temperature=0.2, kind="gaussian", ood_quantile=0.02)
+        for router in (r, off):
+            for d in ("fog", "noise"):
+                router.add(d, blob(300, centres[d], 0.8))
+        r.add_base(blob(300, centres["source"], 0.3))
+        near_source = blob(100, centres["source"], 0.3)
+        assert (off.weights(near_source).sum(1) > 0.99).mean() > 0.9          # inside fog's broad tail: adapted
+        assert r.weights(near_source).sum(1).mean() < 0.1                     # with the base candidate: not
+        fog = r.weights(blob(100, centres["fog"], 0.8))
+        assert fog[:, 0].mean() > 0.85 and (fog[:, 1] < 1e-3).all()          # a domain's own inputs keep theirs
+        assert r.weights(near_source).shape == (100, 2) and (r.weights(near_source) >= 0).all()
+        again = PrototypeRouter.from_state(r.state_dict(), "enc#0")
+        assert np.array_equal(again.base, r.base) and np.array_equal(again.weights(near_source),
+                                                                      r.weights(near_source))
+    soft = PrototypeRouter("enc#0", "soft", top_k=2, temperature=10.0, kind="gaussian")
+    soft.add("fog", blob(300, centres["fog"], 0.8))
+    soft.add_base(blob(300, centres["source"], 0.8))
+    mid = soft.weights(blob(50, 3.1 * np.eye(6)[0], 0.1)).sum(1)
+    assert ((mid > 0.05) & (mid < 0.95)).all()                                # the mass is shared
+    with pytest.raises(InputError, match="base model has prototypes already"):
+        r.add_base(blob(10, centres["source"]))
+    with pytest.raises(InputError, match="no domain has prototypes yet"):
+        fresh = PrototypeRouter("enc#0", kind="gaussian")
+        fresh.add_base(blob(10, centres["source"]))
+        fresh.weights(blob(2, centres["source"]))
+
+
 def test_router_fallback_and_bad_input():
     from qshift.continual.router import PrototypeRouter
 
@@ -253,8 +292,11 @@ def test_the_protocol_end_to_end_and_resumes(tiny_world, tmp_path, monkeypatch):
                           orders=[0, 1], methods=["zero-shot", "seq-ft", "ewc", "lwf", "replay", "zscl", "joint",
                                                    "dar", "dar-merge",
                                                    {"method": "dar", "label": "dar-norm",
-                                                    "settings": {"adapter": "norm", "ood_quantile": 0.1}}],
-                          settings={"epochs": 1, "batch_size": 8, "buffer": 4})
+                                                    "settings": {"adapter": "norm", "ood_quantile": 0.1}},
+                                                   {"method": "dar", "label": "dar-base",
+                                                    "settings": {"adapter": "norm", "route_features": "pixels",
+                                                                 "route_base": True}}],
+                          settings={"epochs": 1, "batch_size": 8, "buffer": 4}, source="world:train")
     out = run_continual(cfg, tmp_path / "res", EmbeddingStore(tmp_path / "st"), progress=False)
     s = json.loads((out / "results.json").read_text())
     r = s["results"]["dar"]["0"]
@@ -268,6 +310,8 @@ def test_the_protocol_end_to_end_and_resumes(tiny_world, tmp_path, monkeypatch):
     assert norm["method"] == "dar-norm" and norm["key"] != json.loads((out / "order0" / "dar" / "step0.json")
                                                                        .read_text())["key"]
     assert norm["train"]["adapter_parameters"] < r["adapter_parameters"]  # γ, β only
+    saved = torch.load(out / "order0" / "dar-base" / "state.pt", weights_only=False)["learner"]["extra"]["router"]
+    assert saved["base"] is not None and saved["base"].shape == (2, 13)    # the source's prototype, saved
     stamp = (out / "order0" / "dar" / "step1.json").stat().st_mtime_ns
     run_continual(cfg, tmp_path / "res", EmbeddingStore(tmp_path / "st"), progress=False)  # resumes: no rerun
     assert (out / "order0" / "dar" / "step1.json").stat().st_mtime_ns == stamp
@@ -303,6 +347,10 @@ def test_bad_configs(tmp_path):
         ContinualConfig(name="x", methods=[{"method": "dar", "settings": {"held_out": 1.0}}])
     with pytest.raises(InputError, match="ood_quantile must be in"):
         ContinualConfig(name="x", settings={"ood_quantile": -0.1})
+    with pytest.raises(InputError, match="'dar-b' has route_base, which needs `source`"):
+        ContinualConfig(name="x", methods=[{"method": "dar", "label": "dar-b", "settings": {"route_base": True}}])
+    assert ContinualConfig(name="x", methods=["dar"], settings={"route_base": True}, source="world:train").source
+
     f = tmp_path / "c.yaml"
     f.write_text("name: x\ndomians: [flat]\n")
     with pytest.raises(InputError, match="unknown keys"):
@@ -450,6 +498,22 @@ def test_dar_routes_by_pixel_statistics_when_asked(tiny_clip):
         assert np.array_equal(dar.router.weights(dar.route_features(dark)), w[12:])
     finally:
         dar.close()
+    base = DAR(tiny_clip, TrainSettings(epochs=1, batch_size=4, adapter="norm", route_features="pixels",
+                                        routing="hard", route_base=True))
+    try:  # route_base: images like the source go to the base model, exactly; the domains' own keep their adapter
+        grey = tiny_clip.prepare(imgs(100, 150), "image")
+        assert base.needs_source and not dar.needs_source
+        base.use_source(grey)
+        base.learn(Domain("bright", bright, caps, np.arange(12)))
+        base.learn(Domain("dark", dark, caps, np.arange(12)))
+        assert (base.router.weights(base.route_features(grey)) == 0).all()
+        assert np.array_equal(base.embed(grey), base.base_features(grey))
+        assert (base.router.weights(base.route_features(bright))[:, 0] == 1).all()
+        assert not np.allclose(base.embed(bright), base.base_features(bright), atol=1e-4)
+        again = type(base.router).from_state(dict(base.extra_state()["router"]), tiny_clip.fingerprint())
+        assert again.base is not None and np.array_equal(again.base, base.router.base)
+    finally:
+        base.close()
     with pytest.raises(InputError, match="route_features must be embedding or pixels"):
         TrainSettings(route_features="histogram")
     with pytest.raises(InputError, match="route_covariance must be diag or full"):

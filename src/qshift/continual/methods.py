@@ -63,6 +63,7 @@ class TrainSettings:
     prototypes: int = 1
     route_features: str = "embedding"  # embedding (cosine prototypes) | pixels (Gaussian over pixel statistics)
     route_covariance: str = "diag"     # pixels only: diag | full Gaussian per domain
+    route_base: bool = False           # the base model competes in routing (needs the config's source)
     merge: str = "ties"
     merge_density: float = 0.5
 
@@ -156,6 +157,14 @@ class Learner:
 
     def batch_data(self, d: Domain, idx: np.ndarray, cap: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return d.pixels[idx], d.captions[cap]
+
+    @property
+    def needs_source(self) -> bool:
+        """Whether :meth:`use_source` wants the images the frozen model is at home on."""
+        return False
+
+    def use_source(self, pixels: torch.Tensor) -> None:
+        """Source images (the frozen model's own training distribution), before any domain."""
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return list(self.tower.parameters())
@@ -452,7 +461,9 @@ class DAR(Learner):
     Gaussians instead of frozen-embedding prototypes (reconstruction: on the corruption
     domains the frozen embedding, being trained to ignore such changes, tells fog from
     frost in few cases; see :mod:`.router`); ``route_covariance="full"`` gives each domain a
-    full-covariance Gaussian over them instead of a diagonal one.
+    full-covariance Gaussian over them instead of a diagonal one. ``route_base`` makes the
+    base model a routing candidate with a prototype of the config's ``source`` images
+    (:meth:`.router.PrototypeRouter.add_base`).
     """
 
     name = "dar"
@@ -473,6 +484,14 @@ class DAR(Learner):
                                       covariance=settings.route_covariance)
         self.init_state: dict | None = None
         self.merged_state: dict | None = None
+
+    @property
+    def needs_source(self) -> bool:
+        return self.s.route_base
+
+    def use_source(self, pixels: torch.Tensor) -> None:
+        if self.s.route_base:
+            self.router.add_base(self.route_features(pixels), seed=self.s.seed)
 
     def base_features(self, pixels: torch.Tensor) -> np.ndarray:
         self.bank.active, self.bank.weights = None, None

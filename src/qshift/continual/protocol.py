@@ -49,6 +49,9 @@ class ContinualConfig:
     max_train_images: int | None = 2000
     max_test_images: int | None = 1000
     gallery: str = "reencode"
+    # images the frozen encoder is at home on (a collection spec; e.g. its training split): what
+    # DAR's route_base describes the base model by. Never test data.
+    source: str | None = None
     out: str | None = None
 
     def __post_init__(self) -> None:
@@ -70,7 +73,10 @@ class ContinualConfig:
         if dup:
             raise InputError(f"continual config: duplicate method labels {dup}")
         for m in self.methods:
-            TrainSettings.from_dict({**self.settings, **self.method_entry(m)[2]})
+            s = TrainSettings.from_dict({**self.settings, **self.method_entry(m)[2]})
+            if s.route_base and not self.source:
+                raise InputError(f"continual config: method {self.method_entry(m)[0]!r} has route_base, which "
+                                 f"needs `source` (images the frozen encoder was trained on, e.g. its train split)")
 
     @staticmethod
     def method_entry(m: Any) -> tuple[str, str, dict]:
@@ -117,6 +123,7 @@ class DomainSet:
         self.cfg, self.enc, self.store = cfg, encoder, store
         self.train: dict[str, Any] = {}
         self.test: dict[str, dict] = {}
+        self._source: torch.Tensor | None = None
 
     def _pixels(self, paths: list) -> torch.Tensor:
         chunks = [self.enc.prepare([str(p) for p in paths[s:s + 256]], "image") for s in range(0, len(paths), 256)]
@@ -139,6 +146,19 @@ class DomainSet:
             caps, item = self._captions(coll)
             self.train[name] = Domain(name, self._pixels(list(coll.image_paths)), caps, item)
         return self.train[name]
+
+    def source(self) -> torch.Tensor:
+        """Pixels of the config's source images (at most ``max_train_images``)."""
+        if self._source is None:
+            from qshift.benchmark import resolve_collection
+
+            coll = resolve_collection(self.cfg.source)[1]
+            if self.cfg.max_train_images:
+                coll = coll.subset(self.cfg.max_train_images)
+            if len(coll) == 0 or not coll.image_paths:
+                raise InputError(f"continual: source {self.cfg.source!r} has no images")
+            self._source = self._pixels(list(coll.image_paths))
+        return self._source
 
     def testing(self, spec: Any) -> dict:
         name = self.cfg.domain_name(spec)
@@ -196,8 +216,8 @@ def run_continual(cfg: ContinualConfig, out: Path | None = None, store: Any = No
     oods = [cfg.domain_name(d) for d in cfg.ood]
     # what a step's result depends on: not the list of methods or orders (each order and method
     # has its own folder, so adding one reuses the others) nor the output folder
-    key = stable_hash({**asdict(cfg), "methods": None, "orders": None, "out": None,
-                       "encoder_fp": probe.fingerprint()})[:16]
+    key = stable_hash({**{k: v for k, v in asdict(cfg).items() if k != "source" or v is not None},  # as before
+                       "methods": None, "orders": None, "out": None, "encoder_fp": probe.fingerprint()})[:16]
     write_json(out / "config.json", {**asdict(cfg), "key": key})
     runs = [(o, m) for o in cfg.orders for m in cfg.methods]
     shared_key = key
@@ -215,6 +235,8 @@ def run_continual(cfg: ContinualConfig, out: Path | None = None, store: Any = No
                 continue
             enc = create_encoder(cfg.encoder)
             learner = create_learner(base, enc, settings, len(order))
+            if learner.needs_source:
+                learner.use_source(data.source())
             start, kept = _resume(folder, key, learner, order, data, done)
             bar.advance(start)
             try:

@@ -24,6 +24,15 @@ full covariance Σ of the domain's features (plus a ridge of 1e-6·(1 + tr Σ / 
 (gradient, Laplacian and blur residual move together), so the diagonal form is broad and
 keeps unseen corruptions near some domain; the full form rejects them at the same
 in-domain quantile.
+
+``add_base`` (reconstruction, DAR's ``route_base``): the frozen model becomes one more
+routing candidate, described like a domain by its own source inputs (images it was trained
+on) and scored the same way. It takes part in hard routing and in the top-k softmax like a
+domain; whatever weight it wins goes to the base model (the banks give 1 − Σ_d w_d to the
+frozen parameters). MoE-Adapters sends inputs unfamiliar to every task to the frozen model;
+an in-domain quantile asks only "is this input far from each domain", so an unseen style
+that lies near some domain's tail is still adapted. Comparing with the base's own
+distribution asks "is it nearer to what the base model knows".
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ class PrototypeRouter:
     thresholds: list[float] = field(default_factory=list)      # per domain (−inf without ood_quantile)
     kind: str = "cosine"        # cosine | gaussian (prototypes: per domain 2 × d, mean and variance)
     covariance: str = "diag"    # gaussian only: diag | full (prototypes: (1 + d) × d, mean and W, WWᵀ = Σ⁻¹)
+    base: np.ndarray | None = None  # add_base: the frozen model's own prototype, a routing candidate
 
     def __post_init__(self) -> None:
         if self.mode not in ("soft", "hard"):
@@ -73,6 +83,21 @@ class PrototypeRouter:
     def add(self, domain: str, frozen: np.ndarray, seed: int = 0) -> None:
         if domain in self.domains:
             raise InputError(f"router: domain {domain!r} has prototypes already")
+        x, protos = self._fit(domain, frozen, seed)
+        self.domains.append(domain)
+        self.prototypes.append(protos)
+        own = self._score(x, protos)
+        self.thresholds.append(float(np.quantile(own, self.ood_quantile)) if self.ood_quantile > 0 else -np.inf)
+
+    def add_base(self, frozen: np.ndarray, seed: int = 0) -> None:
+        """Make the base model a routing candidate, with a prototype of its own source
+        inputs' features (the same kind as a domain's)."""
+        if self.base is not None:
+            raise InputError("router: the base model has prototypes already")
+        self.base = self._fit("base (source)", frozen, seed)[1]
+
+    def _fit(self, domain: str, frozen: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """(prepared features, prototypes) of one domain's inputs."""
         x = np.asarray(frozen, dtype=np.float32)
         if len(x) == 0:
             raise InputError(f"router: domain {domain!r} has no data")
@@ -95,10 +120,7 @@ class PrototypeRouter:
             protos = km.centroids.copy()
         if self.kind == "cosine":
             protos = protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12)
-        self.domains.append(domain)
-        self.prototypes.append(protos)
-        own = self._score(x, protos)
-        self.thresholds.append(float(np.quantile(own, self.ood_quantile)) if self.ood_quantile > 0 else -np.inf)
+        return x, protos
 
     @staticmethod
     def _full_gaussian(domain: str, x: np.ndarray) -> np.ndarray:
@@ -115,10 +137,14 @@ class PrototypeRouter:
     def scores(self, frozen: np.ndarray) -> np.ndarray:
         """B × D: each domain's score (cosine: its best prototype's cosine; gaussian: the
         mean per-feature log-likelihood)."""
+        return self._scores(self._prepare(np.asarray(frozen, dtype=np.float32)))
+
+    def _scores(self, e: np.ndarray, base: bool = False) -> np.ndarray:
+        """B × D of prepared features (B × (D + 1) with the base model's score last)."""
         if not self.domains:
             raise InputError("router: no domain has prototypes yet (learn a domain first)")
-        e = self._prepare(np.asarray(frozen, dtype=np.float32))
-        return np.stack([self._score(e, p) for p in self.prototypes], 1)
+        protos = [*self.prototypes, self.base] if base and self.base is not None else self.prototypes
+        return np.stack([self._score(e, p) for p in protos], 1)
 
     def _prepare(self, x: np.ndarray) -> np.ndarray:
         """Features as the scores read them: unit rows for cosine, as given for gaussian."""
@@ -141,9 +167,11 @@ class PrototypeRouter:
         return (x @ proto.T).max(1)
 
     def weights(self, frozen: np.ndarray) -> np.ndarray:
-        """B × D routing weights (rows sum to 1, or 0 for the base-model fallback)."""
-        s = self.scores(frozen)
-        below = s < np.asarray(self.thresholds, dtype=s.dtype)[None]  # a domain too far from this input
+        """B × D routing weights (rows sum to 1, or less: the rest goes to the base model —
+        all of it for the out-of-distribution fallback)."""
+        s = self._scores(self._prepare(np.asarray(frozen, dtype=np.float32)), base=True)
+        limits = [*self.thresholds, -np.inf][:s.shape[1]]             # the base model (column D) has none
+        below = s < np.asarray(limits, dtype=s.dtype)[None]           # a domain too far from this input
         s = np.where(below, -np.inf, s)
         w = np.zeros_like(s)
         rows = np.arange(len(s))
@@ -157,7 +185,8 @@ class PrototypeRouter:
                 z = np.exp(z - z.max(1, keepdims=True))                  # a row of −inf: NaN, zeroed below
                 np.put_along_axis(w, top, np.nan_to_num(z / z.sum(1, keepdims=True)), 1)
         w[below] = 0.0
-        fixed = s.max(1) < self.threshold if self.kind == "cosine" else np.zeros(len(s), bool)
+        w = w[:, :len(self.domains)]                                  # the base's own weight: the rest
+        fixed = s[:, :len(self.domains)].max(1) < self.threshold if self.kind == "cosine" else False
         w[fixed | below.all(1)] = 0.0
         return w
 
@@ -168,7 +197,7 @@ class PrototypeRouter:
         return {"fingerprint": self.fingerprint, "mode": self.mode, "top_k": self.top_k,
                 "temperature": self.temperature, "threshold": self.threshold, "per_domain": self.per_domain,
                 "ood_quantile": self.ood_quantile, "thresholds": list(self.thresholds), "kind": self.kind,
-                "covariance": self.covariance,
+                "covariance": self.covariance, "base": None if self.base is None else torch.from_numpy(self.base),
                 "domains": list(self.domains), "prototypes": [torch.from_numpy(p) for p in self.prototypes]}
 
     @classmethod
@@ -177,7 +206,8 @@ class PrototypeRouter:
             raise StoreMismatchError(f"router: prototypes of encoder {state['fingerprint']}, not {fingerprint}")
         protos = [p.numpy() for p in state.pop("prototypes")]
         state.setdefault("thresholds", [-np.inf] * len(protos))   # states saved before ood_quantile
-        return cls(**{**state, "prototypes": protos})
+        base = state.pop("base", None)                             # states saved before add_base: none
+        return cls(**{**state, "prototypes": protos, "base": None if base is None else base.numpy()})
 
 
 def pixel_statistics(pixels: torch.Tensor, batch: int = 512) -> np.ndarray:
