@@ -40,6 +40,8 @@ def routing_costs(cfg, out: Path) -> dict:  # noqa: ANN001 - a ContinualConfig
     over = next((o for _, base, o in map(cfg.method_entry, cfg.methods) if base == "dar"), {})
     dar = DAR(enc, TrainSettings.from_dict({**cfg.settings, **over}))
     data = DomainSet(cfg, enc, EmbeddingStore(cache_dir() / "store"))
+    if dar.needs_source:
+        dar.use_source(data.source())
     for spec in cfg.domains:
         d = data.training(spec)
         dar.bank.add_domain(d.name)
