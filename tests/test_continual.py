@@ -320,6 +320,12 @@ def test_the_protocol_end_to_end_and_resumes(tiny_world, tmp_path, monkeypatch):
     run_continual(dataclasses.replace(cfg, orders=[0]), tmp_path / "res", EmbeddingStore(tmp_path / "st"),
                   progress=False)
     assert (out / "order0" / "dar" / "step1.json").stat().st_mtime_ns == stamp
+    # another source reruns only the methods that read it
+    base_stamp = (out / "order0" / "dar-base" / "step1.json").stat().st_mtime_ns
+    run_continual(dataclasses.replace(cfg, orders=[0], source="world:test"), tmp_path / "res",
+                  EmbeddingStore(tmp_path / "st"), progress=False)
+    assert (out / "order0" / "dar" / "step1.json").stat().st_mtime_ns == stamp
+    assert (out / "order0" / "dar-base" / "step1.json").stat().st_mtime_ns != base_stamp
 
 
 def test_bad_configs(tmp_path):
@@ -359,6 +365,16 @@ def test_bad_configs(tmp_path):
 
     with pytest.raises(InputError, match="unknown continual method 'darr'"):
         create_learner("darr", None, None, 1)
+
+
+def test_a_source_without_images_is_refused(tmp_path):
+    from qshift.continual.protocol import ContinualConfig, DomainSet
+
+    (tmp_path / "captions.txt").write_text("a red circle\n" * 5)
+    cfg = ContinualConfig(name="x", methods=["dar"], settings={"route_base": True},
+                          source=str(tmp_path / "captions.txt"))
+    with pytest.raises(InputError, match="captions.txt' has no images"):
+        DomainSet(cfg, None, None).source()
 
 
 def _same(a, b) -> bool:  # noqa: ANN001

@@ -215,8 +215,9 @@ def run_continual(cfg: ContinualConfig, out: Path | None = None, store: Any = No
     names = [cfg.domain_name(d) for d in cfg.domains]
     oods = [cfg.domain_name(d) for d in cfg.ood]
     # what a step's result depends on: not the list of methods or orders (each order and method
-    # has its own folder, so adding one reuses the others) nor the output folder
-    key = stable_hash({**{k: v for k, v in asdict(cfg).items() if k != "source" or v is not None},  # as before
+    # has its own folder, so adding one reuses the others) nor the output folder; the source
+    # images only for the methods that read them
+    key = stable_hash({**{k: v for k, v in asdict(cfg).items() if k != "source"},
                        "methods": None, "orders": None, "out": None, "encoder_fp": probe.fingerprint()})[:16]
     write_json(out / "config.json", {**asdict(cfg), "key": key})
     runs = [(o, m) for o in cfg.orders for m in cfg.methods]
@@ -224,8 +225,10 @@ def run_continual(cfg: ContinualConfig, out: Path | None = None, store: Any = No
     with progress_bar(f"continual {cfg.name}", len(runs) * len(names), progress) as bar:
         for order_seed, entry in runs:
             method, base, over = cfg.method_entry(entry)
-            key = shared_key if not over else stable_hash([shared_key, base, over])[:16]
             settings = TrainSettings.from_dict({**cfg.settings, **over})
+            key = shared_key if not over else stable_hash([shared_key, base, over])[:16]
+            if settings.route_base:
+                key = stable_hash([key, cfg.source])[:16]
             order = [cfg.domains[i] for i in domain_order(names, order_seed)]
             folder = out / f"order{order_seed}" / method
             done = [read_json(folder / f"step{t}.json") for t in range(len(order))
