@@ -355,6 +355,10 @@ def test_bad_configs(tmp_path):
         ContinualConfig(name="x", settings={"ood_quantile": -0.1})
     with pytest.raises(InputError, match="'dar-b' has route_base, which needs `source`"):
         ContinualConfig(name="x", methods=[{"method": "dar", "label": "dar-b", "settings": {"route_base": True}}])
+    with pytest.raises(InputError, match="'dar' has source_distill, which needs `source`"):
+        ContinualConfig(name="x", methods=["dar"], settings={"source_distill": 1.0})
+    with pytest.raises(InputError, match="source_distill must be >= 0"):
+        ContinualConfig(name="x", methods=["dar"], settings={"source_distill": -1.0}, source="world:train")
     assert ContinualConfig(name="x", methods=["dar"], settings={"route_base": True}, source="world:train").source
 
     f = tmp_path / "c.yaml"
@@ -542,6 +546,39 @@ def test_dar_routes_by_pixel_statistics_when_asked(tiny_clip):
         assert full.router.kind == "gaussian" and full.router.covariance == "full"
     finally:
         full.close()
+
+
+def test_dar_source_distill_keeps_the_source_images_where_the_base_model_has_them(tiny_clip):
+    """source_distill: a domain's adapter, trained with the same seed and data, moves the
+    source images' embeddings less than without it (negate the term and they move more);
+    without the source images it says what is missing."""
+    from qshift.continual.methods import DAR, Domain, TrainSettings
+
+    rng = np.random.default_rng(0)
+    imgs = lambda lo, hi, n: [rng.integers(lo, hi, (32, 32, 3)).astype(np.uint8) for _ in range(n)]  # noqa: E731
+    caps = torch.nn.functional.normalize(torch.randn(16, tiny_clip.dim, generator=torch.Generator().manual_seed(0)),
+                                         dim=-1)
+    bright, grey = tiny_clip.prepare(imgs(180, 255, 16), "image"), tiny_clip.prepare(imgs(90, 160, 16), "image")
+    moved = {}
+    for w in (0.0, 10.0):
+        dar = DAR(tiny_clip, TrainSettings(epochs=4, batch_size=8, adapter="norm", adapter_lr=3e-2, source_distill=w))
+        try:
+            assert dar.needs_source == (w > 0)
+            dar.use_source(grey)
+            dar.learn(Domain("bright", bright, caps, np.arange(16)))
+            dar.bank.active = "bright"
+            adapted = dar.image_features(grey).numpy()
+            frozen = dar.base_features(grey)
+            moved[w] = float((1 - (adapted * frozen).sum(1)).mean())
+        finally:
+            dar.close()
+    assert moved[10.0] < 0.5 * moved[0.0] and moved[0.0] > 1e-3
+    dar = DAR(tiny_clip, TrainSettings(epochs=1, batch_size=8, adapter="norm", source_distill=1.0))
+    try:
+        with pytest.raises(InputError, match="source_distill needs the source images"):
+            dar.learn(Domain("bright", bright, caps, np.arange(16)))
+    finally:
+        dar.close()
 
 
 def test_joint_adapter_trains_one_adapter_on_the_union_after_the_last_domain(tiny_clip):

@@ -64,6 +64,7 @@ class TrainSettings:
     route_features: str = "embedding"  # embedding (cosine prototypes) | pixels (Gaussian over pixel statistics)
     route_covariance: str = "diag"     # pixels only: diag | full Gaussian per domain
     route_base: bool = False           # the base model competes in routing (needs the config's source)
+    source_distill: float = 0.0        # DAR: weight of keeping source images' frozen embeddings (needs source)
     merge: str = "ties"
     merge_density: float = 0.5
 
@@ -81,8 +82,15 @@ class TrainSettings:
             raise InputError("continual: route_covariance='full' needs route_features='pixels'")
         if not 0 <= self.held_out < 1:
             raise InputError(f"continual: held_out must be in [0, 1), got {self.held_out}")
+        if self.source_distill < 0:
+            raise InputError(f"continual: source_distill must be >= 0, got {self.source_distill}")
         if not 0 <= self.ood_quantile < 1:  # checked here too, so a config fails before any training
             raise InputError(f"continual: ood_quantile must be in [0, 1), got {self.ood_quantile}")
+
+    @property
+    def source_options(self) -> list[str]:
+        """The settings on that read the config's source images."""
+        return [n for n, on in (("route_base", self.route_base), ("source_distill", self.source_distill > 0)) if on]
 
     @staticmethod
     def from_dict(d: dict) -> "TrainSettings":
@@ -464,6 +472,13 @@ class DAR(Learner):
     full-covariance Gaussian over them instead of a diagonal one. ``route_base`` makes the
     base model a routing candidate with a prototype of the config's ``source`` images
     (:meth:`.router.PrototypeRouter.add_base`).
+
+    ``source_distill`` = w > 0 (reconstruction: the abstract says nothing of what an adapter
+    may do to inputs of other domains) adds w · mean(1 − cos(f_d(x_s), f_0(x_s))) over a batch
+    of source images x_s to each domain's loss, f_d the tower with the domain's adapter and
+    f_0 the frozen one: the adapter learns what its corruption changes without moving the
+    images the base model already serves, which bounds the harm where routing sends an
+    unseen shift to it (ZSCL distils the initial model on reference data for the same reason).
     """
 
     name = "dar"
@@ -484,14 +499,26 @@ class DAR(Learner):
                                       covariance=settings.route_covariance)
         self.init_state: dict | None = None
         self.merged_state: dict | None = None
+        self.source: tuple[torch.Tensor, torch.Tensor] | None = None   # source pixels, frozen embeddings
 
     @property
     def needs_source(self) -> bool:
-        return self.s.route_base
+        return bool(self.s.source_options)
 
     def use_source(self, pixels: torch.Tensor) -> None:
         if self.s.route_base:
             self.router.add_base(self.route_features(pixels), seed=self.s.seed)
+        if self.s.source_distill > 0:
+            self.source = (pixels, torch.from_numpy(self.base_features(pixels)))
+
+    def extra_loss(self, d: Domain, idx: np.ndarray, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        if self.s.source_distill <= 0 or self.bank.active is None:
+            return img.sum() * 0.0
+        if self.source is None:
+            raise InputError("continual: source_distill needs the source images (the config's `source`)")
+        pixels, frozen = self.source
+        pick = torch.from_numpy(self._source_rng.choice(len(pixels), min(len(idx), len(pixels)), replace=False))
+        return self.s.source_distill * (1 - (self.image_features(pixels[pick]) * frozen[pick]).sum(-1)).mean()
 
     def base_features(self, pixels: torch.Tensor) -> np.ndarray:
         self.bank.active, self.bank.weights = None, None
@@ -510,6 +537,7 @@ class DAR(Learner):
         if self.init_state is None:
             self.init_state = {k: v.detach().clone() for k, v in branches.state_dict().items()}
         self.router.add(d.name, self.route_features(d.pixels), seed=self.s.seed)
+        self._source_rng = np.random.default_rng([self.s.seed, len(self.seen), 11])
         self.bank.active = d.name
         info: dict = {}
         if self.s.held_out > 0 and len(d.pixels) >= 4:

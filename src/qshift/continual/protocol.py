@@ -74,9 +74,10 @@ class ContinualConfig:
             raise InputError(f"continual config: duplicate method labels {dup}")
         for m in self.methods:
             s = TrainSettings.from_dict({**self.settings, **self.method_entry(m)[2]})
-            if s.route_base and not self.source:
-                raise InputError(f"continual config: method {self.method_entry(m)[0]!r} has route_base, which "
-                                 f"needs `source` (images the frozen encoder was trained on, e.g. its train split)")
+            if s.source_options and not self.source:
+                raise InputError(f"continual config: method {self.method_entry(m)[0]!r} has "
+                                 f"{' and '.join(s.source_options)}, which needs `source` (images the frozen "
+                                 f"encoder was trained on, e.g. its train split)")
 
     @staticmethod
     def method_entry(m: Any) -> tuple[str, str, dict]:
@@ -227,7 +228,7 @@ def run_continual(cfg: ContinualConfig, out: Path | None = None, store: Any = No
             method, base, over = cfg.method_entry(entry)
             settings = TrainSettings.from_dict({**cfg.settings, **over})
             key = shared_key if not over else stable_hash([shared_key, base, over])[:16]
-            if settings.route_base:
+            if settings.source_options:
                 key = stable_hash([key, cfg.source])[:16]
             order = [cfg.domains[i] for i in domain_order(names, order_seed)]
             folder = out / f"order{order_seed}" / method
