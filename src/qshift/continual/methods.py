@@ -479,6 +479,8 @@ class DAR(Learner):
     f_0 the frozen one: the adapter learns what its corruption changes without moving the
     images the base model already serves, which bounds the harm where routing sends an
     unseen shift to it (ZSCL distils the initial model on reference data for the same reason).
+    On val (bench/configs/continual-world-corrupt-distill-val.yaml, with ``route_base``) w = 100
+    raised OOD R@1 from 42.10 to 44.59 (zero-shot 43.49) and average R@1 from 24.73 to 25.03.
     """
 
     name = "dar"
