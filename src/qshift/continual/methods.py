@@ -89,7 +89,7 @@ class TrainSettings:
 
     @property
     def source_options(self) -> list[str]:
-        """The settings on that read the config's source images."""
+        """The options that are on and read the config's source images."""
         return [n for n, on in (("route_base", self.route_base), ("source_distill", self.source_distill > 0)) if on]
 
     @staticmethod
@@ -502,6 +502,7 @@ class DAR(Learner):
         self.init_state: dict | None = None
         self.merged_state: dict | None = None
         self.source: tuple[torch.Tensor, torch.Tensor] | None = None   # source pixels, frozen embeddings
+        self._source_rng = np.random.default_rng([settings.seed, 0, 11])  # reseeded per domain by learn()
 
     @property
     def needs_source(self) -> bool:

@@ -50,7 +50,7 @@ class ContinualConfig:
     max_test_images: int | None = 1000
     gallery: str = "reencode"
     # images the frozen encoder is at home on (a collection spec; e.g. its training split): what
-    # DAR's route_base describes the base model by. Never test data.
+    # DAR's route_base describes the base model by and source_distill keeps in place. Never test data.
     source: str | None = None
     out: str | None = None
 
