@@ -73,6 +73,16 @@ def test_config_ranges(kw, msg):
         AdaptConfig(**kw)
 
 
+@pytest.mark.parametrize("kw, msg", [({"exclude_ratio": 0}, "exclude_ratio"), ({"exclude_ratio": 1.5}, "exclude_ratio"),
+                                     ({"proxies": "batches"}, "proxies must be one of prototypes, items, batch"),
+                                     ({"k_pos": 0}, "k_pos")])
+def test_epcl_option_ranges(kw, msg):
+    from qshift.adapt.epcl import EPCLConfig
+
+    with pytest.raises(InputError, match=msg):
+        EPCLConfig(**kw)
+
+
 def test_bad_inputs(clip):
     g = _gallery(clip)
     a = create_adapter(clip, g, "t2i", "tent")

@@ -300,6 +300,40 @@ def test_epcl_pulls_to_the_candidates_proxy_and_pushes_from_exclusions(setup, pr
     a.close()
 
 
+def test_epcl_batch_proxies_is_the_complementary_loss_of_the_excluded_candidates(setup):
+    enc, g, qs = setup
+    a = create_adapter(enc, g, "t2i", "epcl", temperature=0.1, proxies="batch", exclude_ratio=0.2)
+    batch, pred = _pred(a, qs)
+    loss = a.objective.loss(a, batch, pred, 0)
+    z = pred.logits.detach().numpy().astype(np.float64)
+    p = _softmax(z)
+    excl = p < 0.2 * p.max(1, keepdims=True)
+    has = excl.any(1)
+    want = -np.log(1 - (p * excl).sum(1))
+    assert 0 < has.sum() <= len(qs) and not excl[np.arange(len(qs)), z.argmax(1)].any()  # never the top-1
+    assert float(loss) == pytest.approx(want[has].mean(), rel=1e-4) and float(loss) > 0
+    assert np.array_equal(a.objective.learned.numpy(), has)
+    # its gradient lowers the excluded candidates' share: one small step against it
+    loss.backward()
+    a.optimizer.step()
+    batch2, pred2 = _pred(a, qs)
+    p2 = _softmax(pred2.logits.detach().numpy().astype(np.float64))
+    assert (p2 * excl).sum() < (p * excl).sum()
+    a.close()
+
+
+def test_epcl_batch_proxies_temperature_rescales_the_logits(setup):
+    enc, g, qs = setup
+    a = create_adapter(enc, g, "t2i", "epcl", temperature=0.1, proxies="batch", proxy_temperature=0.2)
+    batch, pred = _pred(a, qs)
+    z = pred.logits.detach().numpy().astype(np.float64) / 2
+    p = _softmax(z)
+    excl = p < 0.1 * p.max(1, keepdims=True)
+    want = -np.log(1 - (p * excl).sum(1))[excl.any(1)].mean()
+    assert float(a.objective.loss(a, batch, pred, 0)) == pytest.approx(want, rel=1e-4)
+    a.close()
+
+
 def test_rest_with_epcl_adds_the_term(setup):
     enc, g, qs = setup
     plain = create_adapter(enc, g, "t2i", "rest", temperature=0.1)

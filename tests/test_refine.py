@@ -309,6 +309,34 @@ def test_fusion_survives_an_adapt_stage(tiny_clip):
     assert not np.allclose(both, adapted_only, atol=1e-4)
 
 
+def test_adapt_stage_can_fuse_with_the_frozen_views(tiny_clip):
+    """views: frozen — the adapted embedding of the query as typed, fused with the frozen
+    tower's embedding of the repair (the fusion weights applied as the meta reports them)."""
+    enc = tiny_clip
+    g = enc.encode_text(VOCAB)
+    noisy = ["a mna ridng a hrose on teh bech", "two dgos playing with a frisbe in the park"]
+    refine = {"refine": {"spell": {"vocabulary": VOCAB}, "cache": False, "min_cos": -1.0}}
+    moving = {"method": "tent", "lr": 0.05, "temperature": 0.1}
+    with Pipeline.from_config([{"adapt": moving}], PipelineContext(enc, "t2t", gallery=g)) as pipe:
+        e_o = pipe.run_batch(noisy, k=None).embeddings
+    out = {}
+    for views in ("frozen", "adapted"):
+        with Pipeline.from_config([refine, {"adapt": {**moving, "views": views}}],
+                                  PipelineContext(enc, "t2t", gallery=g)) as pipe:
+            out[views] = pipe.run_batch(noisy, k=None)
+    b = out["frozen"]
+    e_r = enc.encode_text(b.views["repaired"])
+    assert np.allclose(b.view_embeddings["repaired"], e_r, atol=1e-5)
+    w = np.array([m["refine"]["fusion_weight"] for m in b.meta], dtype=np.float32)
+    assert (w > 0).all()
+    want = (1 - w)[:, None] * e_o + w[:, None] * e_r
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    assert np.allclose(b.embeddings, want, atol=1e-5)
+    assert not np.allclose(out["adapted"].view_embeddings["repaired"], e_r, atol=1e-4)  # the default re-embeds
+    with pytest.raises(InputError, match="views must be one of adapted, frozen"):
+        Pipeline.from_config([refine, {"adapt": {**moving, "views": "both"}}], PipelineContext(enc, "t2t", gallery=g))
+
+
 def test_gain_gate_keeps_the_original_when_the_repair_is_less_sure():
     from types import SimpleNamespace
 

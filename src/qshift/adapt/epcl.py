@@ -22,6 +22,26 @@ candidates". No formula is published; qshift's reading, every choice an option:
   averaged over every query whose exclusion set is non-empty — no confidence threshold,
   which is the point: the share of queries learnt from is ~100 % where TCR's is not.
 
+  Measured weakness of the two gallery-proxy forms (bench/results/refine.md, tuning.md):
+  their excluded proxies are far from every query, so at τ_p the negatives carry almost no
+  gradient and the positive pull does the learning — self-training on every query, which
+  drifts on long streams (COCO test 17.10 vs TCR 18.31).
+
+* ``proxies: batch`` (reconstruction, the negative-learning reading of "negative
+  constraints via exclusion sets"): the proxies are the engine's own query predictions —
+  the batch's candidates (each query's nearest gallery item, TCR's B × B logits), hard
+  negatives by construction. With p_i = softmax(logits_i), candidate j is excluded for
+  query i when p_ij < ``exclude_ratio`` · max_j p_ij (never the top-1), and
+
+      L_i = −log(1 − Σ_{e ∈ E_i} p_ie) = LSE_j(z_ij) − LSE_{j ∉ E_i}(z_ij)          (complementary)
+
+  — "the answer is none of E_i" (negative learning, Kim et al., ICCV 2019): mass moves
+  from the excluded candidates to the set the query still finds plausible, with no
+  commitment *among* the plausible ones, so an ambiguous query (flat p, small E_i) pushes
+  only from what it surely is not, and a confident one (large E_i) sharpens like a
+  pseudo-label. No positive proxy and no k-means; ``k_pos``/``exclude_rank`` do not apply;
+  ``proxy_temperature`` rescales the logits.
+
 * **Spread** (``uniformity``, default 0): a batch's queries share most of their
   exclusion proxies, so the push moves them all the same way; TCR's uniformity term
   u = mean_i exp(−t‖q_i − q̄‖) (t = 0.1) with this weight keeps them apart.
@@ -42,7 +62,7 @@ import torch.nn.functional as F
 from qshift.adapt.engine import Adapter, Batch, Objective, Predictions, register_objective
 from qshift.errors import InputError
 
-PROXIES = ("prototypes", "items")
+PROXIES = ("prototypes", "items", "batch")
 
 
 @dataclass
@@ -53,6 +73,7 @@ class EPCLConfig:
     n_proxies: int = 32
     n_items: int = 64
     proxy_temperature: float | None = None
+    exclude_ratio: float = 0.1
 
     def __post_init__(self) -> None:
         if self.k_pos < 1:
@@ -65,6 +86,8 @@ class EPCLConfig:
             raise InputError(f"epcl: n_proxies >= 2 and n_items >= 1 needed, got {self.n_proxies}, {self.n_items}")
         if self.proxy_temperature is not None and self.proxy_temperature <= 0:
             raise InputError(f"epcl: proxy_temperature must be > 0, got {self.proxy_temperature}")
+        if not 0 < self.exclude_ratio < 1:
+            raise InputError(f"epcl: exclude_ratio must be in (0, 1), got {self.exclude_ratio}")
 
 
 class ExclusionProxies:
@@ -95,6 +118,9 @@ class ExclusionProxies:
 def epcl_loss(adapter: Adapter, pred: Predictions, cfg: EPCLConfig, proxies: ExclusionProxies | None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss over queries with a non-empty exclusion set, mask of those queries)."""
+    if cfg.proxies == "batch":
+        scale = adapter.cfg.temperature / cfg.proxy_temperature if cfg.proxy_temperature else 1.0
+        return complementary_loss(pred.logits * scale, cfg.exclude_ratio)
     q, g = pred.q, adapter.gallery
     tau = cfg.proxy_temperature or adapter.cfg.temperature
     with torch.no_grad():
@@ -130,14 +156,28 @@ def epcl_loss(adapter: Adapter, pred: Predictions, cfg: EPCLConfig, proxies: Exc
     return loss[has].mean(), has
 
 
+def complementary_loss(logits: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_i = −log(1 − Σ_{e ∈ E_i} softmax(logits_i)_e), E_i = {j : p_ij < ratio · max p_i}
+    (mean over queries with a non-empty E_i, mask of those queries)."""
+    with torch.no_grad():
+        z = logits.detach()
+        excl = z < z.max(1, keepdim=True).values + math.log(ratio)      # p_ij < ratio · p_i,max
+    has = excl.any(1)
+    if not has.any():
+        return logits.sum() * 0.0, has
+    keep = logits.masked_fill(excl, -torch.inf)                          # the plausible set (holds the top-1)
+    loss = torch.logsumexp(logits, 1) - torch.logsumexp(keep, 1)         # −log Σ_{j ∉ E_i} p_ij
+    return loss[has].mean(), has
+
+
 @register_objective("epcl")
 class EPCL(Objective):
     name = "epcl"
 
     def __init__(self, k_pos: int = 3, exclude_rank: float = 0.5, proxies: str = "prototypes", n_proxies: int = 32,
                  n_items: int = 64, proxy_temperature: float | None = None, uniformity: float = 0.0,
-                 t: float = 0.1) -> None:
-        self.epcl = EPCLConfig(k_pos, exclude_rank, proxies, n_proxies, n_items, proxy_temperature)
+                 t: float = 0.1, exclude_ratio: float = 0.1) -> None:
+        self.epcl = EPCLConfig(k_pos, exclude_rank, proxies, n_proxies, n_items, proxy_temperature, exclude_ratio)
         self.uniformity, self.t = float(uniformity), float(t)
         self.proxies: ExclusionProxies | None = None
 

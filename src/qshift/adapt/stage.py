@@ -3,7 +3,14 @@
 Options are the engine's (:class:`~qshift.adapt.engine.AdaptConfig`: ``params``, ``lr``,
 ``steps``, ``temperature``, ``batch_size``, …) and the objective's own (e.g. TCR's
 ``ratio``). The stage keeps one :class:`~qshift.adapt.engine.Adapter` across calls, so
-a stream adapts as it goes; its state saves and loads with the pipeline's. With
+a stream adapts as it goes; its state saves and loads with the pipeline's.
+
+After a refine stage that fuses (``batch.fuse``), the adapter learns from the queries as
+typed; ``views`` says which tower embeds the repaired views before they are fused again:
+``adapted`` (default) or ``frozen`` — reconstruction (ReEx does not say how its two parts
+meet): a tower adapted to noisy text may serve clean repairs worse than the frozen one
+(on COCO test, adapting before the fusion cost 1.0 R@1, bench/results/refine.md), so the
+repair can keep the frozen model's embedding while only the original is adapted. With
 ``ctx.extra['shared_encoder']`` (the service) the adapted values are swapped into the
 encoder's tower only for the stage's own batches.
 """
@@ -49,8 +56,12 @@ class AdaptStage(Stage):
     kind = "adapt"
     stateful = True
 
-    def __init__(self, method: str, **options: Any) -> None:
-        self.name = method
+    VIEWS = ("adapted", "frozen")
+
+    def __init__(self, method: str, views: str = "adapted", **options: Any) -> None:
+        if views not in self.VIEWS:
+            raise InputError(f"adapt stage {method!r}: views must be one of {', '.join(self.VIEWS)}, got {views!r}")
+        self.name, self.views = method, views
         self.options = dict(options)
         self.cfg, self.objective_options = split_options(method, self.options)  # validate now
         create_objective(method, self.objective_options)
@@ -79,12 +90,16 @@ class AdaptStage(Stage):
             self.adapter.batch_labels = [self.labels[p] for p in batch.positions]
         self.adapter.resume()
         try:
-            batch.embeddings = self.adapter.adapt(batch.queries, batch.embeddings, batch.index)
-            if batch.fuse is not None and batch.views:
-                # a refine stage fuses views (e.g. a repaired text): the adapter learnt from the
-                # queries as typed; the views are embedded by the adapted tower and fused again
-                for name, view in batch.views.items():
-                    batch.view_embeddings[name] = self.adapter.embed(view)
+            fused = batch.fuse is not None and bool(batch.views)
+            # after a fusion the batch's embeddings are no longer the typed queries' own: the
+            # adapter then embeds them itself (its frozen reference and its fallback)
+            batch.embeddings = self.adapter.adapt(batch.queries, None if fused else batch.embeddings, batch.index)
+            if fused:
+                # the adapter learnt from the queries as typed; the views (e.g. a repaired text)
+                # are embedded by the adapted tower, or keep the frozen one's, and fused again
+                if self.views == "adapted":
+                    for name, view in batch.views.items():
+                        batch.view_embeddings[name] = self.adapter.embed(view)
                 batch.fuse(batch, self.ctx)
         finally:
             if self.shared:  # other pipelines use this encoder too: give it back unadapted
