@@ -309,9 +309,10 @@ def test_fusion_survives_an_adapt_stage(tiny_clip):
     assert not np.allclose(both, adapted_only, atol=1e-4)
 
 
-def test_adapt_stage_can_fuse_with_the_frozen_views(tiny_clip):
+def test_adapt_stage_can_fuse_with_the_frozen_views_and_weights(tiny_clip):
     """views: frozen — the adapted embedding of the query as typed, fused with the frozen
-    tower's embedding of the repair (the fusion weights applied as the meta reports them)."""
+    tower's embedding of the repair (the fusion weights applied as the meta reports them);
+    fusion_weights: frozen — with the weights of the frozen model's fusion."""
     enc = tiny_clip
     g = enc.encode_text(VOCAB)
     noisy = ["a mna ridng a hrose on teh bech", "two dgos playing with a frisbe in the park"]
@@ -335,6 +336,33 @@ def test_adapt_stage_can_fuse_with_the_frozen_views(tiny_clip):
     assert not np.allclose(out["adapted"].view_embeddings["repaired"], e_r, atol=1e-4)  # the default re-embeds
     with pytest.raises(InputError, match="views must be one of adapted, frozen"):
         Pipeline.from_config([refine, {"adapt": {**moving, "views": "both"}}], PipelineContext(enc, "t2t", gallery=g))
+    # fusion_weights: frozen — the weights the frozen model's confidences gave, re-applied
+    with Pipeline.from_config([refine], PipelineContext(enc, "t2t", gallery=g)) as pipe:
+        w0 = np.array([m["refine"]["fusion_weight"] for m in pipe.run_batch(noisy, k=None).meta], dtype=np.float32)
+    assert not np.allclose(w0, w, atol=1e-4)  # adaptation moved the recomputed weights
+    with Pipeline.from_config([refine, {"adapt": {**moving, "views": "frozen", "fusion_weights": "frozen"}}],
+                              PipelineContext(enc, "t2t", gallery=g)) as pipe:
+        b = pipe.run_batch(noisy, k=None)
+    want = (1 - w0)[:, None] * e_o + w0[:, None] * e_r
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    assert np.allclose(b.embeddings, want, atol=1e-5)
+    assert np.allclose([m["refine"]["fusion_weight"] for m in b.meta], w0)
+    with pytest.raises(InputError, match="fusion_weights must be one of adapted, frozen"):
+        Pipeline.from_config([refine, {"adapt": {**moving, "fusion_weights": "x"}}], PipelineContext(enc, "t2t", gallery=g))
+
+
+def test_fusion_with_given_weights():
+    from types import SimpleNamespace
+
+    from qshift.refine.fusion import ConfidenceFusion
+
+    e_o, e_r = np.eye(3, dtype=np.float32)[:2], np.eye(3, dtype=np.float32)[1:]
+    batch = SimpleNamespace(embeddings=e_o.copy(), view_embeddings={"repaired": e_r}, meta=[{}, {}])
+    ConfidenceFusion()(batch, None, weights=np.array([0.0, 0.5]))
+    assert np.allclose(batch.embeddings[0], e_o[0]) and np.allclose(batch.embeddings[1], [0, 1, 1] / np.sqrt(2))
+    assert batch.meta == [{}, {}]  # the recorded weights stay the caller's
+    with pytest.raises(InputError, match=r"\(3,\) weights for a batch of 2"):
+        ConfidenceFusion()(batch, None, weights=np.zeros(3))
 
 
 def test_gain_gate_keeps_the_original_when_the_repair_is_less_sure():

@@ -10,7 +10,12 @@ typed; ``views`` says which tower embeds the repaired views before they are fuse
 ``adapted`` (default) or ``frozen`` — reconstruction (ReEx does not say how its two parts
 meet): a tower adapted to noisy text may serve clean repairs worse than the frozen one
 (on COCO test, adapting before the fusion cost 1.0 R@1, bench/results/refine.md), so the
-repair can keep the frozen model's embedding while only the original is adapted. With
+repair can keep the frozen model's embedding while only the original is adapted.
+``fusion_weights``: ``adapted`` (default) recomputes the fusion's confidences from the
+adapted embeddings; ``frozen`` re-applies the weights the frozen model's confidences gave
+at the encode stage — reconstruction: entropy-style objectives make the adapted original
+*more confident* without making it more often right, which shifts weight away from the
+repair (the −1.0 above persisted with ``views: frozen``). With
 ``ctx.extra['shared_encoder']`` (the service) the adapted values are swapped into the
 encoder's tower only for the stage's own batches.
 """
@@ -58,10 +63,12 @@ class AdaptStage(Stage):
 
     VIEWS = ("adapted", "frozen")
 
-    def __init__(self, method: str, views: str = "adapted", **options: Any) -> None:
-        if views not in self.VIEWS:
-            raise InputError(f"adapt stage {method!r}: views must be one of {', '.join(self.VIEWS)}, got {views!r}")
-        self.name, self.views = method, views
+    def __init__(self, method: str, views: str = "adapted", fusion_weights: str = "adapted", **options: Any) -> None:
+        for name, value in (("views", views), ("fusion_weights", fusion_weights)):
+            if value not in self.VIEWS:
+                raise InputError(f"adapt stage {method!r}: {name} must be one of {', '.join(self.VIEWS)}, "
+                                 f"got {value!r}")
+        self.name, self.views, self.fusion_weights = method, views, fusion_weights
         self.options = dict(options)
         self.cfg, self.objective_options = split_options(method, self.options)  # validate now
         create_objective(method, self.objective_options)
@@ -91,6 +98,9 @@ class AdaptStage(Stage):
         self.adapter.resume()
         try:
             fused = batch.fuse is not None and bool(batch.views)
+            weights = None
+            if fused and self.fusion_weights == "frozen":  # what the encode stage's fusion decided
+                weights = [m.get("refine", {}).get("fusion_weight", 0.0) for m in batch.meta]
             # after a fusion the batch's embeddings are no longer the typed queries' own: the
             # adapter then embeds them itself (its frozen reference and its fallback)
             batch.embeddings = self.adapter.adapt(batch.queries, None if fused else batch.embeddings, batch.index)
@@ -100,7 +110,10 @@ class AdaptStage(Stage):
                 if self.views == "adapted":
                     for name, view in batch.views.items():
                         batch.view_embeddings[name] = self.adapter.embed(view)
-                batch.fuse(batch, self.ctx)
+                if weights is None:
+                    batch.fuse(batch, self.ctx)
+                else:
+                    batch.fuse(batch, self.ctx, weights=weights)
         finally:
             if self.shared:  # other pipelines use this encoder too: give it back unadapted
                 self.adapter.suspend()

@@ -106,11 +106,22 @@ class ConfidenceFusion:
         if self.temperature is not None and self.temperature <= 0:
             raise InputError(f"fusion: temperature must be > 0, got {self.temperature}")
 
-    def __call__(self, batch, ctx) -> None:  # noqa: ANN001 - a QueryBatch and a PipelineContext
+    def __call__(self, batch, ctx, weights: np.ndarray | None = None) -> None:  # noqa: ANN001
+        """Fuse ``batch`` (a QueryBatch; ``ctx`` its PipelineContext) in place. ``weights``:
+        the repair weights to apply instead of computing them (e.g. those the frozen model's
+        confidences gave, re-applied after adaptation); the meta keeps the recorded ones."""
         if self.view not in batch.view_embeddings:
             return
         e_o = np.asarray(batch.embeddings, dtype=np.float32)
         e_r = np.asarray(batch.view_embeddings[self.view], dtype=np.float32)
+        if weights is not None:
+            w = np.asarray(weights, dtype=np.float32)
+            if w.shape != (len(e_o),):
+                raise InputError(f"fusion: {w.shape} weights for a batch of {len(e_o)} queries")
+            fused = (1 - w)[:, None] * e_o + w[:, None] * e_r
+            fused /= np.maximum(np.linalg.norm(fused, axis=1, keepdims=True), 1e-12)
+            batch.embeddings = np.where((w == 0)[:, None], e_o, fused).astype(np.float32)
+            return
         g = ctx.gallery_vectors()
         tau = self.temperature or getattr(ctx.encoder, "temperature", lambda: None)() or 0.05
         c_o = confidence(e_o, g, self.confidence, tau)
