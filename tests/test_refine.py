@@ -296,10 +296,12 @@ def test_fusion_survives_an_adapt_stage(tiny_clip):
     refine = {"refine": {"spell": {"vocabulary": VOCAB}, "cache": False, "min_cos": -1.0}}
     with Pipeline.from_config([refine], PipelineContext(enc, "t2t", gallery=g)) as pipe:
         fused = pipe.score(noisy)
-    still = {"adapt": {"method": "tent", "lr": 1e-9, "temperature": 0.1}}  # Adam: steps of ~lr
+    still = {"adapt": {"method": "tent", "lr": 1e-9, "temperature": 0.1, "views": "adapted",
+                       "fusion_weights": "adapted"}}  # Adam: steps of ~lr
     with Pipeline.from_config([refine, still], PipelineContext(enc, "t2t", gallery=g)) as pipe:
         assert np.allclose(pipe.score(noisy), fused, atol=1e-5)  # an adapter that does not move: the fusion alone
-    moving = {"adapt": {"method": "tent", "lr": 0.05, "temperature": 0.1}}
+    moving = {"adapt": {"method": "tent", "lr": 0.05, "temperature": 0.1, "views": "adapted",
+                        "fusion_weights": "adapted"}}
     with Pipeline.from_config([moving], PipelineContext(enc, "t2t", gallery=g)) as pipe:
         adapted_only = pipe.score(noisy)
     with Pipeline.from_config([refine, moving], PipelineContext(enc, "t2t", gallery=g)) as pipe:
@@ -322,7 +324,7 @@ def test_adapt_stage_can_fuse_with_the_frozen_views_and_weights(tiny_clip):
         e_o = pipe.run_batch(noisy, k=None).embeddings
     out = {}
     for views in ("frozen", "adapted"):
-        with Pipeline.from_config([refine, {"adapt": {**moving, "views": views}}],
+        with Pipeline.from_config([refine, {"adapt": {**moving, "views": views, "fusion_weights": "adapted"}}],
                                   PipelineContext(enc, "t2t", gallery=g)) as pipe:
             out[views] = pipe.run_batch(noisy, k=None)
     b = out["frozen"]
@@ -347,6 +349,8 @@ def test_adapt_stage_can_fuse_with_the_frozen_views_and_weights(tiny_clip):
     want /= np.linalg.norm(want, axis=1, keepdims=True)
     assert np.allclose(b.embeddings, want, atol=1e-5)
     assert np.allclose([m["refine"]["fusion_weight"] for m in b.meta], w0)
+    with Pipeline.from_config([refine, {"adapt": moving}], PipelineContext(enc, "t2t", gallery=g)) as pipe:
+        assert np.allclose(pipe.run_batch(noisy, k=None).embeddings, want, atol=1e-5)  # frozen/frozen: the defaults
     with pytest.raises(InputError, match="fusion_weights must be one of adapted, frozen"):
         Pipeline.from_config([refine, {"adapt": {**moving, "fusion_weights": "x"}}], PipelineContext(enc, "t2t", gallery=g))
 

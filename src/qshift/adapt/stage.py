@@ -6,16 +6,17 @@ Options are the engine's (:class:`~qshift.adapt.engine.AdaptConfig`: ``params``,
 a stream adapts as it goes; its state saves and loads with the pipeline's.
 
 After a refine stage that fuses (``batch.fuse``), the adapter learns from the queries as
-typed; ``views`` says which tower embeds the repaired views before they are fused again:
-``adapted`` (default) or ``frozen`` — reconstruction (ReEx does not say how its two parts
-meet): a tower adapted to noisy text may serve clean repairs worse than the frozen one
-(on COCO test, adapting before the fusion cost 1.0 R@1, bench/results/refine.md), so the
-repair can keep the frozen model's embedding while only the original is adapted.
-``fusion_weights``: ``adapted`` (default) recomputes the fusion's confidences from the
-adapted embeddings; ``frozen`` re-applies the weights the frozen model's confidences gave
-at the encode stage — reconstruction: entropy-style objectives make the adapted original
-*more confident* without making it more often right, which shifts weight away from the
-repair (the −1.0 above persisted with ``views: frozen``). With
+typed and the batch is fused again; two reconstructions (ReEx does not say how its two
+parts meet), each an option: ``views`` — which tower embeds the repaired views, ``frozen``
+(default) or ``adapted`` (a tower adapted to noisy text may serve clean repairs worse);
+``fusion_weights`` — ``frozen`` (default) re-applies the weights the frozen model's
+confidences gave at the encode stage, ``adapted`` recomputes them from the adapted
+embeddings (entropy-style objectives make the adapted original *more confident* without
+making it more often right, which moves weight away from the repair). On COCO dev
+(bench/results/refine.md, reex-coco-t2t-pipeline-batch-val) frozen/frozen was the best
+row, 50.17 vs 50.13 (frozen views only) and 50.07 (adapted/adapted), so it is the default;
+on COCO test adapted/adapted and frozen views alone both lost ~1 R@1 to the fusion
+without adaptation. With
 ``ctx.extra['shared_encoder']`` (the service) the adapted values are swapped into the
 encoder's tower only for the stage's own batches.
 """
@@ -63,7 +64,7 @@ class AdaptStage(Stage):
 
     VIEWS = ("adapted", "frozen")
 
-    def __init__(self, method: str, views: str = "adapted", fusion_weights: str = "adapted", **options: Any) -> None:
+    def __init__(self, method: str, views: str = "frozen", fusion_weights: str = "frozen", **options: Any) -> None:
         for name, value in (("views", views), ("fusion_weights", fusion_weights)):
             if value not in self.VIEWS:
                 raise InputError(f"adapt stage {method!r}: {name} must be one of {', '.join(self.VIEWS)}, "
