@@ -14,9 +14,9 @@ confidences gave at the encode stage, ``adapted`` recomputes them from the adapt
 embeddings (entropy-style objectives make the adapted original *more confident* without
 making it more often right, which moves weight away from the repair). On COCO dev
 (bench/results/refine.md, reex-coco-t2t-pipeline-batch-val) frozen/frozen was the best
-row, 50.17 vs 50.13 (frozen views only) and 50.07 (adapted/adapted), so it is the default;
-on COCO test adapted/adapted and frozen views alone both lost ~1 R@1 to the fusion
-without adaptation. With
+row, 50.17 vs 50.13 (frozen views only) and 50.07 (adapted/adapted), so it is the default.
+On COCO test (REST + EPCL batch after spell + fusion) every variant stays below the fusion
+without adaptation, 31.18: frozen/frozen 30.85, frozen views with adapted weights 30.23. With
 ``ctx.extra['shared_encoder']`` (the service) the adapted values are swapped into the
 encoder's tower only for the stage's own batches.
 """
