@@ -335,7 +335,7 @@ def test_adapt_stage_can_fuse_with_the_frozen_views_and_weights(tiny_clip):
     want = (1 - w)[:, None] * e_o + w[:, None] * e_r
     want /= np.linalg.norm(want, axis=1, keepdims=True)
     assert np.allclose(b.embeddings, want, atol=1e-5)
-    assert not np.allclose(out["adapted"].view_embeddings["repaired"], e_r, atol=1e-4)  # the default re-embeds
+    assert not np.allclose(out["adapted"].view_embeddings["repaired"], e_r, atol=1e-4)  # views: adapted re-embeds
     with pytest.raises(InputError, match="views must be one of adapted, frozen"):
         Pipeline.from_config([refine, {"adapt": {**moving, "views": "both"}}], PipelineContext(enc, "t2t", gallery=g))
     # fusion_weights: frozen — the weights the frozen model's confidences gave, re-applied

@@ -111,10 +111,7 @@ class AdaptStage(Stage):
                 if self.views == "adapted":
                     for name, view in batch.views.items():
                         batch.view_embeddings[name] = self.adapter.embed(view)
-                if weights is None:
-                    batch.fuse(batch, self.ctx)
-                else:
-                    batch.fuse(batch, self.ctx, weights=weights)
+                batch.fuse(batch, self.ctx, weights=weights)
         finally:
             if self.shared:  # other pipelines use this encoder too: give it back unadapted
                 self.adapter.suspend()

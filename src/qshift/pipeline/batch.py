@@ -52,7 +52,7 @@ class QueryBatch:
     views: dict[str, list[Any]] = field(default_factory=dict)
     embeddings: np.ndarray | None = None
     view_embeddings: dict[str, np.ndarray] = field(default_factory=dict)
-    fuse: Any = None              # fuse(batch, ctx): set by a refine stage, applied by the encode stage
+    fuse: Any = None              # fuse(batch, ctx, weights=None): set by a refine stage, applied by the encode stage
     transform: QueryTransform | None = None
     scores: np.ndarray | None = None
     labels: np.ndarray | None = None

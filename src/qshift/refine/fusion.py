@@ -79,6 +79,13 @@ def repair_weight(c_orig: np.ndarray, c_rep: np.ndarray, beta: float = 1.0, w_ma
     return np.where(np.asarray(c_rep) > np.asarray(c_orig), w, 0.0) if gate == "gain" else w
 
 
+def mix(e_o: np.ndarray, e_r: np.ndarray, w: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """normalise((1 − w)·e_o + w·e_r) per row; rows where ``keep`` stay e_o exactly."""
+    fused = (1 - w)[:, None] * e_o + w[:, None] * e_r
+    fused /= np.maximum(np.linalg.norm(fused, axis=1, keepdims=True), 1e-12)
+    return np.where(keep[:, None], e_o, fused).astype(np.float32)
+
+
 @dataclass
 class ConfidenceFusion:
     """Fuses a batch's ``repaired`` view into its embeddings (applied by the encode stage)."""
@@ -118,9 +125,7 @@ class ConfidenceFusion:
             w = np.asarray(weights, dtype=np.float32)
             if w.shape != (len(e_o),):
                 raise InputError(f"fusion: {w.shape} weights for a batch of {len(e_o)} queries")
-            fused = (1 - w)[:, None] * e_o + w[:, None] * e_r
-            fused /= np.maximum(np.linalg.norm(fused, axis=1, keepdims=True), 1e-12)
-            batch.embeddings = np.where((w == 0)[:, None], e_o, fused).astype(np.float32)
+            batch.embeddings = mix(e_o, e_r, w, keep=w == 0)
             return
         g = ctx.gallery_vectors()
         tau = self.temperature or getattr(ctx.encoder, "temperature", lambda: None)() or 0.05
@@ -131,9 +136,7 @@ class ConfidenceFusion:
         cos = (e_o * e_r).sum(1)
         drift = cos < self.min_cos
         w = np.where(same | drift, 0.0, w).astype(np.float32)
-        fused = (1 - w)[:, None] * e_o + w[:, None] * e_r
-        fused /= np.maximum(np.linalg.norm(fused, axis=1, keepdims=True), 1e-12)
-        batch.embeddings = np.where(same[:, None], e_o, fused).astype(np.float32)
+        batch.embeddings = mix(e_o, e_r, w, keep=same)
         for i, m in enumerate(batch.meta):
             m.setdefault("refine", {}).update({"fusion_weight": float(w[i]), "confidence_original": float(c_o[i]),
                                                "confidence_repaired": float(c_r[i])})
