@@ -123,22 +123,26 @@ def ceiling(means: dict[str, float], vs_zs: dict[str, dict]) -> dict | None:
             "share_of_ceiling": vs_zs[best]["minus_zero_shot_mean"] / max(gain, 1e-9)}
 
 
-def bench_forgetting(encoder: str, max_queries: int, methods: list[str | dict]) -> dict:
+def bench_forgetting(encoder: str, max_queries: int, methods: list[str | dict], collection: str = "world:test",
+                     source: object = "auto") -> dict:
     """Adapt (continual mode) along the mixed text stream, then score the clean queries.
-    A method is a name or a config mapping (``name``, ``label``, options)."""
+    A method is a name or a config mapping (``name``, ``label``, options); ``collection``
+    and ``source`` as a config's (a val config measures forgetting on the val split)."""
     from qshift.benchmark import BenchConfig, Grid
     from qshift.paths import cache_dir
     from qshift.store import EmbeddingStore
 
-    cfg = BenchConfig(name="tta-forgetting", encoder=encoder, collection="world:test", direction="t2i",
-                      shifts=["text"], severities=[], streams=["mixed"], max_queries=max_queries)
+    cfg = BenchConfig(name="tta-forgetting", encoder=encoder, collection=collection, direction="t2i",
+                      shifts=["text"], severities=[], streams=["mixed"], max_queries=max_queries, source=source)
     grid = Grid(cfg, Path("runs/bench/tta-forgetting"), EmbeddingStore(cache_dir() / "store"), progress=False)
     items = grid._stream("mixed", 0)
     raw, _, _ = grid._stream_queries(items, 0)
     clean = grid.raw_queries
     labels = grid.qrels.indices  # one positive per T2I query
     zs = float(((grid.clean_queries @ grid.gallery.T).argmax(1) == labels).mean() * 100)
-    out = {"zero-shot": {"clean_r1_after": zs}}
+    stream_lab = np.array([labels[it.query] for it in items])
+    zs_stream = (grid._stream_embeddings(items, 0) @ grid.gallery.T).argmax(1) == stream_lab
+    out = {"zero-shot": {"clean_r1_after": zs, "stream_r1": float(zs_stream.mean() * 100)}}
     from qshift.pipeline import Pipeline, PipelineContext
 
     for spec in methods:
@@ -147,9 +151,9 @@ def bench_forgetting(encoder: str, max_queries: int, methods: list[str | dict]) 
         with Pipeline.from_method(spec, ctx) as pipe:
             stream_scores = pipe.score(raw)
             ad = next(s for s in pipe.stages if s.kind == "adapt").adapter
-            clean_scores = np.concatenate([_encode_adapted(ad, clean[i:i + 256]) for i in range(0, len(clean), 256)])
+            clean_scores = np.concatenate([_encode_adapted(ad, clean[i:i + 256], grid.clean_queries[i:i + 256])
+                                           for i in range(0, len(clean), 256)])
             resets = ad.stats["resets"]
-        stream_lab = np.array([labels[it.query] for it in items])
         out[m] = {"clean_r1_after": float((clean_scores.argmax(1) == labels).mean() * 100),
                   "stream_r1": float((stream_scores.argmax(1) == stream_lab).mean() * 100),
                   "resets": resets}
@@ -157,11 +161,14 @@ def bench_forgetting(encoder: str, max_queries: int, methods: list[str | dict]) 
     return out
 
 
-def _encode_adapted(adapter, texts: list[str]) -> np.ndarray:
+def _encode_adapted(adapter, texts: list[str], frozen: np.ndarray) -> np.ndarray:
+    """Scores of ``texts`` by the adapted tower, with its frozen gate (if any) given the
+    frozen embeddings, as the stream ranked them."""
     import torch
 
     with torch.no_grad():
         q = adapter.forward(adapter.prepare(texts).inputs)
+        q = adapter.gate(q, torch.from_numpy(np.ascontiguousarray(frozen, dtype=np.float32)))
         return (q @ adapter.gallery.T).numpy()
 
 
@@ -310,7 +317,8 @@ def main() -> None:
 
         cfg = load_config(args.config)
         part = bench_forgetting(cfg.encoder, args.max_queries, [  # not the ceiling rows: they need the labels
-            m for m in cfg.methods if m != "zero-shot" and not (isinstance(m, dict) and m.get("labels"))])
+            m for m in cfg.methods if m != "zero-shot" and not (isinstance(m, dict) and m.get("labels"))],
+            collection=cfg.collection, source=cfg.source)
         key = f"forgetting:{Path(args.config).stem}"
     elif args.what == "forgetting":
         part = bench_forgetting(args.encoder, args.max_queries, ["tent", "eata", "sar", "tcr", "rest"])

@@ -4,6 +4,8 @@ settings of issue 16) as benchmark configs.
     .venv/bin/python bench/tune_grid.py        # writes bench/configs/*-tune.yaml
     .venv/bin/python bench/tune_grid.py picks  # writes bench/configs/*-tuned.yaml from the val runs
     .venv/bin/python bench/tune_grid.py summary RUN...  # bench/results/tuning.md: every val row
+    .venv/bin/python bench/tune_grid.py long         # writes bench/configs/tta-world-t2i-tune-long.yaml
+    .venv/bin/python bench/tune_grid.py picks-long   # writes bench/configs/tta-world-t2i-tuned-long.yaml
 
 Every TTA method gets the same grid on the *val* split — τ = 2 or 4 × the encoder's
 trained temperature × lr ∈ {1e-3, 3e-3, 1e-2}, 3 steps, batches of 64 — and REST its
@@ -257,11 +259,100 @@ def summary(names: list[str], runs: Path = Path("runs/bench")) -> None:
     write_results("tuning", {**sections, "order": order, "headers": headers}, "\n".join(md))
 
 
+# -- the full-length protocol (issue 17): val streams as long as test's --------------------------
+# The grid above adapts on 500 val queries per type (8 batches), the test cells on 5,000 (78
+# batches): lr picked on short streams over-drifts on long ones (forgetting 2–9 R@1 on world
+# test). This protocol scores each setting on one full-length continual pass over val — the
+# mixed stream of all 5,000 val captions, each under one of the 16 text corruptions at severity
+# 5 — and then measures forgetting (clean val R@1 after the stream); see
+# ``bench_tta.py forgetting``. Rule, per method: the highest stream R@1 among the settings
+# whose val forgetting is ≤ 1 R@1 (none: the least forgetting).
+LONG_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
+LONG_FAMILIES = {k: v for k, v in METHODS.items() if k in ("tent", "eata", "sar", "read", "deyo", "tcr")}
+LONG_FAMILIES["rest"] = {"method": "rest", "use_consistency": True, "decouple": True}  # REST's additions on
+MAX_FORGETTING = 1.0
+GATE_FAMILIES = ("tcr", "rest")
+
+
+def write_long() -> Path:
+    methods: list = ["zero-shot"]
+    for label, opts in LONG_FAMILIES.items():
+        for sc in SCALES:
+            for lr in LONG_LRS:
+                methods.append({"label": f"{label} τ{sc}x lr{lr:g}",
+                                "pipeline": [{"adapt": {**opts, "temperature_scale": sc, "lr": lr}}]})
+    cfg = {"name": "tta-world-t2i-tune-long", "encoder": "world:mini-clip", "collection": "world:val",
+           "direction": "t2i", "shifts": ["text"], "source": "world:train", "severities": [5], "batch_size": 64,
+           "seeds": [0], "methods": methods, "out": "runs/bench/tta-world-t2i-tune-long"}
+    header = ("# written by `bench/tune_grid.py long` — the full-length val protocol (issue 17); run with\n"
+              "#   .venv/bin/python bench/bench_tta.py forgetting --config bench/configs/tta-world-t2i-tune-long.yaml"
+              " --max-queries 5000\n# Rule (stated before the run): per method, the highest mixed-stream R@1 among "
+              f"the settings whose\n# val forgetting is <= {MAX_FORGETTING:g} R@1 (none: the least forgetting).\n")
+    path = CONFIGS / "tta-world-t2i-tune-long.yaml"
+    path.write_text(header + _dump(cfg))
+    return path
+
+
+def long_picks(results: dict) -> dict[str, dict]:
+    """{family: row} by the full-length rule from ``forgetting:tta-world-t2i-tune-long`` rows."""
+    by: dict[str, list] = {}
+    for label, row in results.items():
+        if " τ" in label:
+            by.setdefault(label.split(" τ")[0], []).append({"label": label, **row})
+    out = {}
+    for fam, rows in by.items():
+        ok = [r for r in rows if r["forgetting"] <= MAX_FORGETTING]
+        out[fam] = max(ok, key=lambda r: r["stream_r1"]) if ok else min(rows, key=lambda r: r["forgetting"])
+    return out
+
+
+def write_tuned_long() -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import previous_results
+
+    results = previous_results("tta").get("forgetting:tta-world-t2i-tune-long")
+    if not results:
+        raise SystemExit("no results for tta-world-t2i-tune-long in bench/results/tta.json: run it first")
+    grid = {m["label"]: m for m in yaml.safe_load((CONFIGS / "tta-world-t2i-tune-long.yaml").read_text())["methods"]
+            if isinstance(m, dict)}
+    methods: list = ["zero-shot"]
+    for fam, row in long_picks(results).items():
+        methods.append({"label": f"{fam}-val-tuned", "pipeline": grid[row["label"]]["pipeline"]})
+        print(f"{fam}: {row['label']} stream {row['stream_r1']:.2f} forgetting {row['forgetting']:+.2f}")
+    # the frozen gate (qshift.adapt.engine) at the short-stream picks, for the val-best family and
+    # REST: the gate quantile by the same rule from the full-length val forgetting run of
+    # tta-world-t2i-gate-val (its grid's per-type means, 500 queries a type, pick no gate)
+    gate_rows = previous_results("tta").get("forgetting:tta-world-t2i-gate-val", {})
+    gate_grid = {m["label"]: m for m in yaml.safe_load((CONFIGS / "tta-world-t2i-gate-val.yaml").read_text())["methods"]
+                 if isinstance(m, dict)}
+    for fam in GATE_FAMILIES:
+        rows = [{"label": k, **v} for k, v in gate_rows.items() if k.startswith(f"{fam}-val-tuned")]
+        ok = [r for r in rows if r["forgetting"] <= MAX_FORGETTING]
+        if ok:
+            row = max(ok, key=lambda r: r["stream_r1"])
+            methods.append(gate_grid[row["label"]])
+            print(f"{fam} gate: {row['label']} stream {row['stream_r1']:.2f} forgetting {row['forgetting']:+.2f}")
+    cfg = {"name": "tta-world-t2i-tuned-long", "encoder": "world:mini-clip", "collection": "world:test",
+           "direction": "t2i", "shifts": ["clean", "text"], "severities": [5], "streams": [],
+           "source": "world:train", "batch_size": 64, "seeds": [0], "methods": methods,
+           "out": "runs/bench/tta-world-t2i-tuned-long"}  # the mixed stream: in `bench_tta.py forgetting`
+    header = ("# written by `bench/tune_grid.py picks-long` from the full-length val run (tta-world-t2i-tune-long):\n"
+              f"# every method with its best setting whose val forgetting is <= {MAX_FORGETTING:g}, once on test;\n"
+              "# then `bench_tta.py forgetting --config <this> --max-queries 5000` (mixed stream + forgetting)\n")
+    (CONFIGS / "tta-world-t2i-tuned-long.yaml").write_text(header + _dump(cfg))
+
+
 if __name__ == "__main__":
     import sys
 
     if sys.argv[1:2] == ["picks"]:
         write_tuned()
+    elif sys.argv[1:2] == ["long"]:
+        print(write_long())
+    elif sys.argv[1:2] == ["picks-long"]:
+        write_tuned_long()
     elif sys.argv[1:2] == ["summary"]:
         summary(sys.argv[2:])
     else:

@@ -67,7 +67,9 @@ def test_select_params_modes(clip):
 @pytest.mark.parametrize("kw, msg", [({"lr": 0}, "lr"), ({"lr": 2.0}, "lr"), ({"steps": 0}, "steps"),
                                      ({"steps": 1000}, "steps"), ({"batch_size": 0}, "batch_size"),
                                      ({"candidates": "all"}, "candidates"), ({"temperature": 0}, "temperature"),
-                                     ({"rank_with": "before"}, "rank_with")])
+                                     ({"rank_with": "before"}, "rank_with"), ({"frozen_gate": 1.5}, "frozen_gate"),
+                                     ({"gate_confidence": "entropy"}, "gate_confidence"),
+                                     ({"gate_samples": 0}, "gate_samples")])
 def test_config_ranges(kw, msg):
     with pytest.raises(InputError, match=msg):
         AdaptConfig(**kw)
@@ -358,3 +360,42 @@ def test_method_defaults_sit_under_the_configs_options(clip, monkeypatch):
 def test_the_oracle_runs_only_with_labels(clip):
     with pytest.raises(InputError, match="only a benchmark row marked `labels: true` gives them"):
         _pipeline(clip, _gallery(clip), "oracle")
+
+
+@pytest.mark.parametrize("kind", ["margin", "top1"])
+def test_frozen_gate_keeps_confident_queries_frozen(clip, kind):
+    """Rows whose frozen confidence reaches the source quantile rank with the frozen
+    embedding exactly; the others with the adapted one, as without the gate (the gate
+    changes what is ranked, not what is learnt)."""
+    g = _gallery(clip)
+    queries, source = TEXTS[:32], [t.upper() for t in TEXTS[:16]] + [t[::-1] for t in TEXTS[16:]]
+    opts = dict(batch_size=32, steps=3, lr=3e-2, reset_on_collapse=False, source_texts=source, gate_confidence=kind)
+    plain = create_adapter(clip, g, "t2i", "tent", **opts)
+    q_plain = plain.adapt(queries)
+    plain.close()
+    gated = create_adapter(clip, g, "t2i", "tent", frozen_gate=0.5, **opts)
+    frozen = gated.embed(queries)
+    conf = gated.gate_confidence(torch.from_numpy(frozen)).numpy()
+    keep = conf >= gated.gate_limit
+    q_gated = gated.adapt(queries)
+    assert gated.stats["kept_frozen"] == keep.sum()
+    gated.close()
+    assert 0 < keep.sum() < len(queries), (conf, gated.gate_limit)
+    assert not np.allclose(q_plain[keep], frozen[keep], atol=1e-4)  # adaptation moved them …
+    assert np.allclose(q_gated[keep], frozen[keep], atol=1e-6)       # … the gate gives the frozen ones back
+    assert np.allclose(q_gated[~keep], q_plain[~keep], atol=1e-5)
+
+
+def test_frozen_gate_quantile_and_source(clip):
+    g = _gallery(clip)
+    lo = create_adapter(clip, g, "t2i", "tent", frozen_gate=0.0, source_texts=TEXTS)
+    hi = create_adapter(clip, g, "t2i", "tent", frozen_gate=1.0, source_texts=TEXTS)
+    conf = lo.gate_confidence(torch.from_numpy(lo.embed(TEXTS))).numpy()
+    assert lo.gate_limit == pytest.approx(conf.min(), abs=1e-6) and hi.gate_limit == pytest.approx(conf.max(), abs=1e-6)
+    lo.close()
+    hi.close()
+    with pytest.raises(InputError, match="frozen_gate needs source texts"):
+        create_adapter(clip, g, "t2i", "tent", frozen_gate=0.5)
+    off = create_adapter(clip, g, "t2i", "tent")
+    assert off.gate_limit is None
+    off.close()

@@ -33,6 +33,17 @@ with a warning and the batch keeps the frozen model's embeddings — never NaN.
 ``episodic`` resets after every batch; ``reset_on_collapse`` resets when the spread of
 the adapted queries falls under ``collapse_ratio`` × the spread of the frozen ones.
 
+**Frozen gate** (``frozen_gate``, a qshift addition, not from a seed; off by default): a
+query the *frozen* model already retrieves confidently keeps the frozen embedding; the
+rest get the adapted one. Confident means ``gate_confidence`` (``margin``: top-1 minus
+top-2 cosine over the gallery; ``top1``: top-1 softmax probability at the encoder's
+trained temperature) of the frozen embedding ≥ the ``frozen_gate`` quantile of the same
+confidence over the source texts (clean, disjoint from the test queries; at most
+``gate_samples`` of them). Why: adaptation along a shifted stream moves the tower for every
+query, and the queries the frozen model handles well — clean ones, mild shifts — lose most
+(forgetting 2–9 R@1 on world test after the mixed stream, bench/results/tta.md). The
+gate changes only what is ranked, not what the objective learns from.
+
 State: ``state_dict()`` holds the adapted parameters, the optimizer, the objective's
 own state (queues, centres, moving averages), the counters and the random generator, so
 a stream stopped after batch k and resumed from it gives the same embeddings as an
@@ -59,6 +70,7 @@ from qshift.registry import Registry
 CANDIDATES = ("auto", "batch-nn", "topk", "gallery")
 NORM_STATS = ("running", "batch", "blend")
 RANK_WITH = ("updated", "last-step")
+GATE_CONFIDENCES = ("margin", "top1")
 # the trained temperature assumed for encoders that have none (sentence-transformers), so
 # that the default τ (2 ×) is 0.05
 UNTRAINED_TEMPERATURE = 0.025
@@ -83,6 +95,9 @@ class AdaptConfig:
     episodic: bool = False
     reset_on_collapse: bool = True
     collapse_ratio: float = 0.25
+    frozen_gate: float | None = None  # quantile of the source texts' frozen confidence; None: off
+    gate_confidence: str = "margin"   # margin | top1
+    gate_samples: int = 1024
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -108,6 +123,13 @@ class AdaptConfig:
             raise InputError(f"adapt: rank_with must be one of {', '.join(RANK_WITH)}, got {self.rank_with!r}")
         if self.weight_decay < 0:
             raise InputError(f"adapt: weight_decay must be >= 0, got {self.weight_decay}")
+        if self.frozen_gate is not None and not (0 <= self.frozen_gate <= 1):
+            raise InputError(f"adapt: frozen_gate must be a quantile in [0, 1] (or null: off), got {self.frozen_gate}")
+        if self.gate_confidence not in GATE_CONFIDENCES:
+            raise InputError(f"adapt: gate_confidence must be one of {', '.join(GATE_CONFIDENCES)}, "
+                             f"got {self.gate_confidence!r}")
+        if self.gate_samples < 1:
+            raise InputError(f"adapt: gate_samples must be >= 1, got {self.gate_samples}")
 
 
 @dataclass
@@ -224,9 +246,10 @@ class Adapter:
         self.gallery = F.normalize(torch.from_numpy(gallery), dim=-1).to(self.device)
         self.source_texts = list(source_texts) if source_texts is not None else None
         self.stats = {"batches": 0, "queries": 0, "resets": 0, "divergences": 0, "collapses": 0, "learning_share": 0.0,
-                      "temperature": cfg.temperature}
+                      "temperature": cfg.temperature, "kept_frozen": 0}
         self.batch_labels: list | None = None  # the batch's true positives: for the oracle only
         self._spread0: float | None = None
+        self.gate_limit: float | None = None
         self.params: list[torch.nn.Parameter] = []
         self._initial: list[torch.Tensor] = []
         self._norms: NormStats | None = None
@@ -235,6 +258,7 @@ class Adapter:
             self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             self._initial = [p.detach().clone() for p in self.params]
             self._norms = NormStats(self.tower, cfg.norm_stats, cfg.norm_prior)
+            self.gate_limit = self._gate_limit()
             self.objective.setup(self)
         except BaseException:
             if self.tower is not None:
@@ -272,6 +296,41 @@ class Adapter:
         else:
             logits = q @ self.gallery.T
         return Predictions(q, logits / self.cfg.temperature, nn_idx, nn_feat)
+
+    # -- the frozen gate -----------------------------------------------------------------
+    def gate_confidence(self, q: torch.Tensor) -> torch.Tensor:
+        """Per-row retrieval confidence of embeddings ``q`` over the gallery (``gate_confidence``)."""
+        with torch.no_grad():
+            sims = q.float().to(self.device) @ self.gallery.T
+            if self.cfg.gate_confidence == "margin":
+                if sims.shape[1] < 2:
+                    return torch.ones(len(q), device=sims.device)
+                top = sims.topk(2, dim=1).values
+                return top[:, 0] - top[:, 1]
+            trained = self.cfg.temperature / self.cfg.temperature_scale
+            return torch.softmax(sims / trained, dim=1).max(dim=1).values
+
+    def _gate_limit(self) -> float | None:
+        """The ``frozen_gate`` quantile of the frozen model's confidence on the source texts."""
+        if self.cfg.frozen_gate is None:
+            return None
+        if not self.source_texts:
+            raise InputError("adapt: frozen_gate needs source texts (clean queries disjoint from the test ones) "
+                             "to set its confidence limit; give the benchmark a `source:` or the pipeline "
+                             "`source_texts`")
+        texts = self.source_texts[: self.cfg.gate_samples]
+        with torch.no_grad():
+            conf = torch.cat([self.gate_confidence(self.forward(self.encoder.prepare(texts[i:i + 256], self.modality)))
+                              for i in range(0, len(texts), 256)])
+        return float(torch.quantile(conf, self.cfg.frozen_gate))
+
+    def gate(self, q: torch.Tensor, q0: torch.Tensor) -> torch.Tensor:
+        """Rows whose frozen embedding ``q0`` is confident (≥ the gate's limit) keep ``q0``."""
+        if self.gate_limit is None:
+            return q
+        keep = self.gate_confidence(q0) >= self.gate_limit
+        self.stats["kept_frozen"] += int(keep.sum())
+        return torch.where(keep[:, None].to(q.device), q0.to(q.device), q)
 
     # -- the online loop ----------------------------------------------------------------
     def step(self, batch: Batch, q0: torch.Tensor | None = None) -> torch.Tensor:
@@ -318,18 +377,27 @@ class Adapter:
                           "model", RuntimeWarning, stacklevel=2)
             self.reset()
             q = q0
-        elif self.cfg.reset_on_collapse and self._spread0 and len(q) > 1:
-            spread = float((q - q.mean(0)).norm(dim=1).mean())
-            if spread < self.cfg.collapse_ratio * self._spread0:
-                self.stats["collapses"] += 1
-                warnings.warn(f"adapt ({self.objective.name}): queries collapsed on batch {batch.index} "
-                              f"(spread {spread:.3f} < {self.cfg.collapse_ratio} × {self._spread0:.3f}); reset",
-                              RuntimeWarning, stacklevel=2)
-                self.reset()
-                q = q0
+        elif self._collapsed(q, batch.index):
+            self.reset()
+            q = q0
+        else:
+            q = self.gate(q, q0)
         self.stats["batches"] += 1
         self.stats["queries"] += len(q)
         return q
+
+    def _collapsed(self, q: torch.Tensor, index: int) -> bool:
+        """``reset_on_collapse``: the adapted queries' spread under ``collapse_ratio`` × the frozen one's."""
+        if not (self.cfg.reset_on_collapse and self._spread0 and len(q) > 1):
+            return False
+        spread = float((q - q.mean(0)).norm(dim=1).mean())
+        if spread >= self.cfg.collapse_ratio * self._spread0:
+            return False
+        self.stats["collapses"] += 1
+        warnings.warn(f"adapt ({self.objective.name}): queries collapsed on batch {index} "
+                      f"(spread {spread:.3f} < {self.cfg.collapse_ratio} × {self._spread0:.3f}); reset",
+                      RuntimeWarning, stacklevel=3)
+        return True
 
     def _record_share(self, n: int) -> None:
         """Running mean over batches of the share of queries the loss learnt from."""
@@ -396,7 +464,7 @@ class Adapter:
                 p.copy_(v.to(p.device))
         self.optimizer.load_state_dict(state["optimizer"])
         self.objective.load_state_dict(state["objective"])
-        self.stats = {"queries": 0, **state["stats"]}
+        self.stats = {"queries": 0, "kept_frozen": 0, **state["stats"]}
         self._spread0 = state["spread0"]
         self.generator.set_state(state["generator"])
 
