@@ -9,6 +9,12 @@ objective (one module each: :mod:`.tent`, :mod:`.eata`, :mod:`.sar`, :mod:`.read
 The engine talks to the encoder only through :class:`~qshift.encoders.base.AdaptableEncoder`
 (``prepare``, ``forward``, ``tower``, ``device``); the gallery lives on the encoder's device.
 
+**Defaults** (lr 3e-4, τ = 2 × the encoder's trained temperature, 3 steps, batches of 64):
+on one continual pass over all 5,000 world val captions under mixed corruptions
+(bench/configs/tta-world-t2i-tune-long.yaml), lr 3e-4 at τ 2× gave every method its best
+stream R@1 (TCR: tied with τ 4×) with forgetting ≤ 1.04 R@1; lr 1e-3–1e-2, which short 500-query
+val cells prefer, drift over a long stream (forgetting 3–19 R@1).
+
 **Query predictions** (REST §III-A, "refining the retrieval results into query
 predictions"): a recognition-style loss needs a distribution per query, so each query's
 candidates come from the gallery —
@@ -42,7 +48,11 @@ confidence over the source texts (clean, disjoint from the test queries; at most
 ``gate_samples`` of them). Why: adaptation along a shifted stream moves the tower for every
 query, and the queries the frozen model handles well — clean ones, mild shifts — lose most
 (forgetting 2–9 R@1 on world test after the mixed stream, bench/results/tta.md). The
-gate changes only what is ranked, not what the objective learns from.
+gate changes only what is ranked, not what the objective learns from. On world val
+(bench/results/tta.md, tta-world-t2i-gate-val; each method at its val pick), gate 0.25 cut
+forgetting after the full-length mixed stream from 2.6–8.4 to −0.1–1.1 R@1 at a cost of
+at most 0.08 stream R@1, but lost 0.4–1.3 R@1 on the mean of the 500-query per-type cells:
+hence off by default.
 
 State: ``state_dict()`` holds the adapted parameters, the optimizer, the objective's
 own state (queues, centres, moving averages), the counters and the random generator, so
