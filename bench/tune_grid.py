@@ -46,11 +46,12 @@ VOCAB = {  # repair vocabularies: never the val/test queries
 }
 
 
-def tta_methods() -> list:
+def tta_methods(families: dict = METHODS, lrs: tuple = LRS) -> list:
+    """Zero-shot, then every family at every (τ scale, lr) of the grid."""
     out: list = ["zero-shot"]
-    for label, opts in METHODS.items():
+    for label, opts in families.items():
         for s in SCALES:
-            for lr in LRS:
+            for lr in lrs:
                 out.append({"label": f"{label} τ{s}x lr{lr:g}",
                             "pipeline": [{"adapt": {**opts, "temperature_scale": s, "lr": lr}}]})
     return out
@@ -275,12 +276,7 @@ GATE_FAMILIES = ("tcr",)  # = REST by its defaults (additions off); one row for 
 
 
 def write_long() -> Path:
-    methods: list = ["zero-shot"]
-    for label, opts in LONG_FAMILIES.items():
-        for sc in SCALES:
-            for lr in LONG_LRS:
-                methods.append({"label": f"{label} τ{sc}x lr{lr:g}",
-                                "pipeline": [{"adapt": {**opts, "temperature_scale": sc, "lr": lr}}]})
+    methods = tta_methods(LONG_FAMILIES, LONG_LRS)
     cfg = {"name": "tta-world-t2i-tune-long", "encoder": "world:mini-clip", "collection": "world:val",
            "direction": "t2i", "shifts": ["text"], "source": "world:train", "severities": [5], "batch_size": 64,
            "seeds": [0], "methods": methods, "out": "runs/bench/tta-world-t2i-tune-long"}
