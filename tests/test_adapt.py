@@ -396,6 +396,8 @@ def test_frozen_gate_quantile_and_source(clip):
     hi.close()
     with pytest.raises(InputError, match="frozen_gate needs source texts"):
         create_adapter(clip, g, "t2i", "tent", frozen_gate=0.5)
+    with pytest.raises(InputError, match="needs text queries; direction 'i2t'"):
+        create_adapter(clip, g, "i2t", "tent", frozen_gate=0.5, source_texts=TEXTS)
     off = create_adapter(clip, g, "t2i", "tent")
     assert off.gate_limit is None
     off.close()

@@ -324,6 +324,9 @@ class Adapter:
         """The ``frozen_gate`` quantile of the frozen model's confidence on the source texts."""
         if self.cfg.frozen_gate is None:
             return None
+        if self.modality != "text":
+            raise InputError(f"adapt: frozen_gate calibrates on source texts, so it needs text queries; "
+                             f"direction {self.direction!r} queries with images")
         if not self.source_texts:
             raise InputError("adapt: frozen_gate needs source texts (clean queries disjoint from the test ones) "
                              "to set its confidence limit; give the benchmark a `source:` or the pipeline "
