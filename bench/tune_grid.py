@@ -272,7 +272,6 @@ LONG_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 LONG_FAMILIES = {k: v for k, v in METHODS.items() if k in ("tent", "eata", "sar", "read", "deyo", "tcr")}
 LONG_FAMILIES["rest"] = {"method": "rest", "use_consistency": True, "decouple": True}  # REST's additions on
 MAX_FORGETTING = 1.0
-GATE_FAMILIES = ("tcr",)  # = REST by its defaults (additions off); one row for CPU time
 
 
 def write_long() -> Path:
@@ -317,19 +316,6 @@ def write_tuned_long() -> None:
     for fam, row in long_picks(results).items():
         methods.append({"label": f"{fam}-val-tuned", "pipeline": grid[row["label"]]["pipeline"]})
         print(f"{fam}: {row['label']} stream {row['stream_r1']:.2f} forgetting {row['forgetting']:+.2f}")
-    # the frozen gate (qshift.adapt.engine) at the short-stream pick of the val-best family: the
-    # gate quantile by the same rule from the full-length val forgetting run of
-    # tta-world-t2i-gate-val (its grid's per-type means, 500 queries a type, pick no gate)
-    gate_rows = previous_results("tta").get("forgetting:tta-world-t2i-gate-val", {})
-    gate_grid = {m["label"]: m for m in yaml.safe_load((CONFIGS / "tta-world-t2i-gate-val.yaml").read_text())["methods"]
-                 if isinstance(m, dict)}
-    for fam in GATE_FAMILIES:
-        rows = [{"label": k, **v} for k, v in gate_rows.items() if k.startswith(f"{fam}-val-tuned")]
-        ok = [r for r in rows if r["forgetting"] <= MAX_FORGETTING]
-        if ok:
-            row = max(ok, key=lambda r: r["stream_r1"])
-            methods.append(gate_grid[row["label"]])
-            print(f"{fam} gate: {row['label']} stream {row['stream_r1']:.2f} forgetting {row['forgetting']:+.2f}")
     cfg = {"name": "tta-world-t2i-tuned-long", "encoder": "world:mini-clip", "collection": "world:test",
            "direction": "t2i", "shifts": ["clean", "text"], "severities": [5], "streams": [],
            "source": "world:train", "batch_size": 64, "seeds": [0], "methods": methods,
