@@ -310,8 +310,7 @@ def write_tuned_long() -> None:
     results = previous_results("tta").get("forgetting:tta-world-t2i-tune-long")
     if not results:
         raise SystemExit("no results for tta-world-t2i-tune-long in bench/results/tta.json: run it first")
-    grid = {m["label"]: m for m in yaml.safe_load((CONFIGS / "tta-world-t2i-tune-long.yaml").read_text())["methods"]
-            if isinstance(m, dict)}
+    grid = {m["label"]: m for m in tta_methods(LONG_FAMILIES, LONG_LRS) if isinstance(m, dict)}  # write_long's rows
     methods: list = ["zero-shot"]
     for fam, row in long_picks(results).items():
         methods.append({"label": f"{fam}-val-tuned", "pipeline": grid[row["label"]]["pipeline"]})
