@@ -9,6 +9,7 @@ ablations, and the latency of low-rank scoring, re-ranking and full search.
     .venv/bin/python bench/bench_quari.py accuracy --testbed world-inquire --epochs 60 --seeds 0,1,2
     .venv/bin/python bench/bench_quari.py accuracy --testbed world-ilias-val --model query_residual=0.9,anchor=0.2
     .venv/bin/python bench/bench_quari.py accuracy --testbed world-ilias-val --train hard_negatives=8
+    .venv/bin/python bench/bench_quari.py accuracy --testbed world-ilias-val --epochs 10 --ta-epochs 2000
     .venv/bin/python bench/bench_quari.py latency
 
 Accuracy trains on the training split (world: train; world-pixel: the held-out pixel
@@ -21,7 +22,9 @@ world-ilias-100k scores the checkpoints of world-ilias on a 100k gallery and add
 search through FAISS (queries/s, recall of the exact QuARI top-k). ``--model`` overrides
 hypernetwork fields (e.g. how far q' and T may move from the backbone's query and the
 identity: ``query_residual``, ``anchor``) and ``--train`` training fields (e.g.
-``hard_negatives``); both tag the run folder and the result key.
+``hard_negatives``); both tag the run folder and the result key. ``--ta-epochs`` gives TA its
+own budget (a linear map needs far more steps than the hypernetwork, which over-fits a few
+thousand pairs within tens of epochs); it also sets the TA features of "TA + QuARI".
 """
 
 from __future__ import annotations
@@ -150,8 +153,10 @@ def _pipeline_scores(enc, task, method: str | dict) -> np.ndarray:
 
 def _accuracy_one_seed(enc, pairs, task, run_dir: Path, epochs: int, seed: int, k_map: int = 10,
                        lr: float = LR, batch: int = BATCH, variants: list[str] | None = None,
-                       model: dict | None = None, train: dict | None = None) -> tuple[dict, dict]:
-    """Metrics of every method for one training seed (checkpoints cached per seed)."""
+                       model: dict | None = None, train: dict | None = None,
+                       ta_epochs: int | None = None) -> tuple[dict, dict]:
+    """Metrics of every method for one training seed (checkpoints cached per seed); TA (and
+    the TA features of "TA + QuARI") trains for ``ta_epochs`` (default: ``epochs``)."""
     from qshift.quari import QuARIConfig, QuARITrainConfig, train_quari, train_ta
     from qshift.quari.search import load_ta, save_ta
 
@@ -161,7 +166,7 @@ def _accuracy_one_seed(enc, pairs, task, run_dir: Path, epochs: int, seed: int, 
     ta_path = run_dir / f"ta{tail}.safetensors"
     if not ta_path.is_file():
         t0 = time.perf_counter()
-        save_ta(ta_path, train_ta(q, t, tof, epochs=epochs, batch_size=batch, lr=1e-3, seed=seed, groups=groups),
+        save_ta(ta_path, train_ta(q, t, tof, epochs=ta_epochs or epochs, batch_size=batch, lr=1e-3, seed=seed, groups=groups),
                 backbone=enc.fingerprint())
         write_json(ta_path.with_suffix(".json"), {"train_seconds": time.perf_counter() - t0})
     timing = ta_path.with_suffix(".json")
@@ -220,21 +225,22 @@ def model_tag(over: dict) -> str:
     return "".join(f"~{k}={v:g}" if isinstance(v, (int, float)) else f"~{k}={v}" for k, v in sorted(over.items()))
 
 
-def budget_tag(epochs: int, lr: float = LR, batch: int = BATCH) -> str:
-    """The training budget's tag in run folders and val result keys: -e30[-lr0.003][-b32]."""
-    return f"-e{epochs}" + (f"-lr{lr:g}" if lr != LR else "") + (f"-b{batch}" if batch != BATCH else "")
+def budget_tag(epochs: int, lr: float = LR, batch: int = BATCH, ta_epochs: int | None = None) -> str:
+    """The training budget's tag in run folders and val result keys: -e30[-lr0.003][-b32][-ta2000]."""
+    return (f"-e{epochs}" + (f"-lr{lr:g}" if lr != LR else "") + (f"-b{batch}" if batch != BATCH else "")
+            + (f"-ta{ta_epochs}" if ta_epochs not in (None, epochs) else ""))
 
 
 def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[int], lr: float = LR,
                    batch: int = BATCH, variants: list[str] | None = None, model: dict | None = None,
-                   train: dict | None = None) -> dict:
+                   train: dict | None = None, ta_epochs: int | None = None) -> dict:
     """Every method (or ``variants`` of QuARI only) over ``seeds`` training seeds: mean metrics,
     and the headline metric per seed with the ablations' paired differences to full QuARI
     (the seed spread decides what is a gap)."""
     enc, pairs, task, desc = _testbed(testbed, encoder)
     run_dir = RUNS / f"quari-{TRAIN_SET.get(testbed, testbed)}{encoder_tag(testbed, encoder)}"
     if testbed in K_MAP:                    # one folder per budget (the val testbeds compare them)
-        run_dir = run_dir.with_name(run_dir.name + budget_tag(epochs, lr, batch)
+        run_dir = run_dir.with_name(run_dir.name + budget_tag(epochs, lr, batch, ta_epochs)
                                     + model_tag({**(model or {}), **(train or {})}))
     run_dir.mkdir(parents=True, exist_ok=True)
     k_map = K_MAP.get(testbed, 10)
@@ -242,7 +248,7 @@ def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[i
         raise SystemExit(f"unknown variants {sorted(set(variants) - set(VARIANTS))}; known: {list(VARIANTS)}")
     variants = None if variants is None else ["QuARI", *[v for v in variants if v != "QuARI"]]  # the reference
     per_seed = [_accuracy_one_seed(enc, pairs, task, run_dir, epochs, s, k_map, lr, batch, variants, model or {},
-                                   train or {})
+                                   train or {}, ta_epochs)
                 for s in seeds]
     names = list(per_seed[0][0])
     rows = {k: {m: float(np.mean([r[k][m] for r, _ in per_seed])) for m in per_seed[0][0][k]} for k in names}
@@ -252,7 +258,7 @@ def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[i
     per = {k: [r[k][head] for r, _ in per_seed] for k in names}
     diffs = {k: np.subtract(per[k], per["QuARI"]) for k in VARIANTS if k.startswith("w/o") and k in per}
     out = {"testbed": desc, "model": {**MODEL, **(model or {})}, "model_overrides": model or {},
-           "train_overrides": train or {}, "epochs": epochs, "lr": lr, "batch_size": batch, "seeds": seeds,
+           "train_overrides": train or {}, "epochs": epochs, "ta_epochs": ta_epochs or epochs, "lr": lr, "batch_size": batch, "seeds": seeds,
            "metric": head, "rows": rows, "per_seed": per, "sd": {k: sd(v) for k, v in per.items()},
            "train_seconds": per_seed[0][1],
            "quari_gain": rows["QuARI"][head] - rows["zero-shot"][head],
@@ -384,7 +390,8 @@ NOTES = {
                    "instances (rendering → the instance's other renderings), disjoint from the test instances.",
     "world-ilias-100k": "The same queries and checkpoints as world-ilias, among 100k gallery images "
                         "(random scenes fill the gallery).",
-    "world-ilias-val": "Validation (300 instances never trained on, 1.5k gallery): picks the epoch budget.",
+    "world-ilias-val": "Validation (300 instances never trained on, 1.5k gallery): picks the epoch budgets "
+                       "(QuARI's and, with --ta-epochs, TA's) and the hypernetwork's settings.",
     "world-inquire-val": "Validation (the val template, sizes, never trained on; 4k gallery): picks the epoch "
                          "budget.",
     "world-inquire": "Many-positive text queries (QuARI's INQUIRE setting on the world): relevant sets come "
@@ -417,7 +424,7 @@ ACCURACY = ("world", "world-pixel", "coco", "world-ilias-val", "world-ilias", "w
 
 def render_md(data: dict) -> str:
     md = ["# QuARI (issues 7, 21)", ""]
-    testbed_of = lambda k: re.sub(r"-e\d+(-lr[^-]+)?(-b\d+)?$", "",  # noqa: E731
+    testbed_of = lambda k: re.sub(r"-e\d+(-lr[^-]+)?(-b\d+)?(-ta\d+)?$", "",  # noqa: E731
                                   k[len("accuracy_"):].split("@")[0].split("~")[0])
     keys = sorted((k for k in data if k.startswith("accuracy_")), key=lambda k: (ACCURACY.index(testbed_of(k)), k))
     for key in keys:
@@ -434,6 +441,7 @@ def render_md(data: dict) -> str:
                   if a.get("train_overrides") else "")
                + (f" --lr {a['lr']:g}" if a.get("lr", LR) != LR else "")
                + (f" --batch {a['batch_size']}" if a.get("batch_size", BATCH) != BATCH else "")
+               + (f" --ta-epochs {a['ta_epochs']}" if a.get("ta_epochs", a["epochs"]) != a["epochs"] else "")
                + (f" --variants {','.join(m for m in VARIANTS if m in a['rows'])}"
                   if not set(VARIANTS) <= set(a["rows"]) else "")
                + f"` (hypernetwork {dict(sorted(a['model'].items()))}, batch {a.get('batch_size')}, "
@@ -527,6 +535,8 @@ def main() -> None:
                     help="train and print only (e.g. one seed per process); a later run over all seeds writes")
     ap.add_argument("--lr", type=float, default=LR)
     ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--ta-epochs", type=int, help="TA's own epoch budget (default: --epochs); also the TA "
+                    "features of 'TA + QuARI'")
     ap.add_argument("--variants", help="QuARI variants to train, comma-separated (default: all)")
     ap.add_argument("--model", help="hypernetwork overrides, e.g. query_residual=0.9,anchor=0.2 (QuARIConfig fields)")
     ap.add_argument("--train", help="training overrides, e.g. hard_negatives=8 (QuARITrainConfig fields)")
@@ -534,12 +544,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.what == "accuracy":
         seeds = [int(x) for x in args.seeds.split(",")]
-        tag = budget_tag(args.epochs, args.lr, args.batch)
+        tag = budget_tag(args.epochs, args.lr, args.batch, args.ta_epochs)
         model, train = parse_model(args.model), parse_model(args.train, train=True)
         key = (f"accuracy_{args.testbed}" + (tag if args.testbed.endswith("-val") else "")
                + encoder_tag(args.testbed, args.encoder) + model_tag({**model, **train}))
         part = bench_accuracy(args.testbed, args.encoder, args.epochs, seeds, args.lr, args.batch,
-                              args.variants.split(",") if args.variants else None, model, train)
+                              args.variants.split(",") if args.variants else None, model, train, args.ta_epochs)
         if args.no_write:
             print(json.dumps(part["per_seed"], indent=1))
             return
