@@ -10,6 +10,7 @@ ablations, and the latency of low-rank scoring, re-ranking and full search.
     .venv/bin/python bench/bench_quari.py accuracy --testbed world-ilias-val --model query_residual=0.9,anchor=0.2
     .venv/bin/python bench/bench_quari.py accuracy --testbed world-ilias-val --train hard_negatives=8
     .venv/bin/python bench/bench_quari.py accuracy --testbed world-ilias-val --epochs 10 --ta-epochs 2000
+    .venv/bin/python bench/bench_quari.py ta-budget --testbed world-ilias-val --ta-epochs 10,60,250,1000,2000
     .venv/bin/python bench/bench_quari.py latency
 
 Accuracy trains on the training split (world: train; world-pixel: the held-out pixel
@@ -270,6 +271,28 @@ def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[i
     return out
 
 
+def bench_ta_budget(testbed: str, encoder: str | None, budgets: list[int], seed: int = 0,
+                    batch: int = BATCH) -> dict:
+    """TA alone at several epoch budgets (a val testbed picks TA's own budget: the linear map
+    is cheap and keeps improving long after the hypernetwork stops)."""
+    from qshift.quari import train_ta
+    from qshift.quari.train import project
+
+    enc, (q, t, tof, groups, _), task, desc = _testbed(testbed, encoder)
+    k_map = K_MAP.get(testbed, 10)
+    head = "R@1" if testbed not in K_MAP else f"mAP@{k_map}"
+    rows = [{"epochs": 0, **_metrics(task.queries @ task.gallery.T, task.qrels, k_map), "train s": 0.0}]
+    for epochs in budgets:
+        t0 = time.perf_counter()
+        p = train_ta(q, t, tof, epochs=epochs, batch_size=batch, lr=1e-3, seed=seed, groups=groups)
+        seconds = time.perf_counter() - t0
+        scores = project(task.queries, p) @ project(task.gallery, p).T
+        rows.append({"epochs": epochs, **_metrics(scores, task.qrels, k_map), "train s": seconds})
+    best = max(rows[1:], key=lambda r: r[head])
+    return {"testbed": desc, "metric": head, "seed": seed, "batch_size": batch, "rows": rows,
+            "best_epochs": best["epochs"]}
+
+
 def _full_search(enc, task, run_dir: Path, k: int = 100) -> dict:
     """Full search with seed 0's QuARI over the protocol's gallery through FAISS (exact MIPS
     and IVF; w = Tᵀq', over-fetch, exact re-scoring): queries/s and recall of the exact
@@ -470,6 +493,17 @@ def render_md(data: dict) -> str:
                    md_table(fs["rows"], list(fs["rows"][0]),
                             {c: ".3f" if c.startswith("recall") else ".1f" for c in fs["rows"][0]
                              if c not in ("index", "nprobe", "overfetch")}), ""]
+    for key in sorted(k for k in data if k.startswith("ta_budget_")):
+        a = data[key]
+        testbed, head = key[len("ta_budget_"):].split("@")[0], a["metric"]
+        k = K_MAP.get(testbed, 10)
+        cols = [f"mAP@{k}", "R@1", "R@10"] if testbed in K_MAP else ["R@1", "R@10"]
+        md += [f"## TA's epoch budget — {a['testbed']}", "",
+               f"`.venv/bin/python bench/bench_quari.py ta-budget --testbed {testbed} --ta-epochs "
+               f"{','.join(str(r['epochs']) for r in a['rows'][1:])}` (seed {a['seed']}, batch {a['batch_size']}, "
+               "lr 1e-3; epochs 0 = zero-shot)", "",
+               md_table(a["rows"], ["epochs", *cols, "train s"], {c: ".2f" for c in [*cols, "train s"]}), "",
+               f"Best {head}: {a['best_epochs']} epochs.", ""]
     if "latency" in data:
         lat = data["latency"]
         md += [f"## Latency (E={lat['E']}, r={lat['r']}, top-{lat['k']} re-rank, {lat['threads']} threads)", "",
@@ -526,7 +560,7 @@ def plot_protocols(data: dict, path: Path) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["accuracy", "latency"])
+    ap.add_argument("what", choices=["accuracy", "ta-budget", "latency"])
     ap.add_argument("--testbed", choices=list(ACCURACY), default="world")
     ap.add_argument("--encoder")
     ap.add_argument("--epochs", type=int, default=10)
@@ -535,8 +569,8 @@ def main() -> None:
                     help="train and print only (e.g. one seed per process); a later run over all seeds writes")
     ap.add_argument("--lr", type=float, default=LR)
     ap.add_argument("--batch", type=int, default=BATCH)
-    ap.add_argument("--ta-epochs", type=int, help="TA's own epoch budget (default: --epochs); also the TA "
-                    "features of 'TA + QuARI'")
+    ap.add_argument("--ta-epochs", help="TA's own epoch budget (default: --epochs; also the TA features of "
+                    "'TA + QuARI'); for ta-budget, a comma-separated list")
     ap.add_argument("--variants", help="QuARI variants to train, comma-separated (default: all)")
     ap.add_argument("--model", help="hypernetwork overrides, e.g. query_residual=0.9,anchor=0.2 (QuARIConfig fields)")
     ap.add_argument("--train", help="training overrides, e.g. hard_negatives=8 (QuARITrainConfig fields)")
@@ -544,15 +578,20 @@ def main() -> None:
     args = ap.parse_args()
     if args.what == "accuracy":
         seeds = [int(x) for x in args.seeds.split(",")]
-        tag = budget_tag(args.epochs, args.lr, args.batch, args.ta_epochs)
+        ta_epochs = int(args.ta_epochs) if args.ta_epochs else None
+        tag = budget_tag(args.epochs, args.lr, args.batch, ta_epochs)
         model, train = parse_model(args.model), parse_model(args.train, train=True)
         key = (f"accuracy_{args.testbed}" + (tag if args.testbed.endswith("-val") else "")
                + encoder_tag(args.testbed, args.encoder) + model_tag({**model, **train}))
         part = bench_accuracy(args.testbed, args.encoder, args.epochs, seeds, args.lr, args.batch,
-                              args.variants.split(",") if args.variants else None, model, train, args.ta_epochs)
+                              args.variants.split(",") if args.variants else None, model, train, ta_epochs)
         if args.no_write:
             print(json.dumps(part["per_seed"], indent=1))
             return
+    elif args.what == "ta-budget":
+        budgets = [int(x) for x in (args.ta_epochs or "10,60,250,1000,2000").split(",")]
+        key = f"ta_budget_{args.testbed}" + encoder_tag(args.testbed, args.encoder)
+        part = bench_ta_budget(args.testbed, args.encoder, budgets, int(args.seeds.split(",")[0]), args.batch)
     else:
         key, part = "latency", bench_latency(n_gallery=args.gallery)
     data = previous_results("quari")  # read after the run: another part may have finished meanwhile

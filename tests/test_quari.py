@@ -278,10 +278,11 @@ def test_cli_train_ta_and_quari_from_store(image_collection, tmp_path):
     small = ["--rank", "2", "--hidden", "16", "--layers", "1", "--heads", "2", "--steps", "2", "--epochs", "2",
              "--batch-size", "4"]
     r = run("quari", "train", image_collection, "-o", tmp_path / "q", *small, "--ta", tmp_path / "ta.safetensors",
-            *common)
+            "--query-residual", "0.9", "--unit-query-head", *common)
     assert r.exit_code == 0, r.output
     model, proj, meta = load_quari(tmp_path / "q")
     assert proj is not None and meta["backbone"].startswith("openclip:qshift-tiny-vit") and model.cfg.rank == 2
+    assert model.cfg.query_residual == 0.9 and model.cfg.unit_query_head
     r = run("quari", "train", image_collection, "-o", tmp_path / "q2", "--direction", "i2t", *common)
     assert r.exit_code != 0 and "direction must be one of t2i, t2t" in r.output
 

@@ -45,6 +45,9 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
           hard_negatives: int = typer.Option(0, help="Per target, its N nearest non-positives join the batch as "
                                              "negatives (reconstruction; a world-ilias set adds its near-duplicates)."),
           anchor: Optional[float] = typer.Option(0.8, help="T = I + a·UVᵀ (authors' code); 0 → T = UVᵀ (paper)."),
+          query_residual: float = typer.Option(0.5, help="λ in q' = norm((1-λ)·MLP(control) + λ·q) (authors' code)."),
+          unit_query_head: bool = typer.Option(False, help="Normalise MLP(control) before the λ-mix, so that λ bounds "
+                                               "how far q' moves (reconstruction; World-ILIAS val's pick with λ 0.9)."),
           ta: Optional[Path] = typer.Option(None, help="Train on features projected by this TA map (TA + QuARI)."),
           val_fraction: float = typer.Option(0.1, help="Share of targets held out (≤ 1,000) to pick the best epoch."),
           seed: int = typer.Option(0),
@@ -59,7 +62,8 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
     enc, (q, t, tof), groups, pool = _pairs(collection, encoder, direction, store, fmt, limit, captions_per_item,
                                             not as_json, negatives=hard_negatives > 0)
     mcfg = QuARIConfig(dim=q.shape[1], rank=rank, hidden=hidden, layers=layers, heads=heads, steps=steps,
-                       one_step=one_step, anchor=anchor or None)
+                       one_step=one_step, anchor=anchor or None, query_residual=query_residual,
+                       unit_query_head=unit_query_head)
     tcfg = QuARITrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, noise=noise,
                             semi_positives=semi_positives, hard_negatives=hard_negatives,
                             val_fraction=val_fraction, seed=seed)
