@@ -229,7 +229,12 @@ def model_tag(over: dict) -> str:
 def budget_tag(epochs: int, lr: float = LR, batch: int = BATCH, ta_epochs: int | None = None) -> str:
     """The training budget's tag in run folders and val result keys: -e30[-lr0.003][-b32][-ta2000]."""
     return (f"-e{epochs}" + (f"-lr{lr:g}" if lr != LR else "") + (f"-b{batch}" if batch != BATCH else "")
-            + (f"-ta{ta_epochs}" if ta_epochs not in (None, epochs) else ""))
+            + ta_tag(epochs, ta_epochs))
+
+
+def ta_tag(epochs: int, ta_epochs: int | None) -> str:
+    """-ta2000 when TA has its own budget (in run folders and every result key)."""
+    return f"-ta{ta_epochs}" if ta_epochs not in (None, epochs) else ""
 
 
 def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[int], lr: float = LR,
@@ -447,7 +452,7 @@ ACCURACY = ("world", "world-pixel", "coco", "world-ilias-val", "world-ilias", "w
 
 def render_md(data: dict) -> str:
     md = ["# QuARI (issues 7, 21)", ""]
-    testbed_of = lambda k: re.sub(r"-e\d+(-lr[^-]+)?(-b\d+)?(-ta\d+)?$", "",  # noqa: E731
+    testbed_of = lambda k: re.sub(r"(-e\d+(-lr[^-]+)?(-b\d+)?)?(-ta\d+)?$", "",  # noqa: E731
                                   k[len("accuracy_"):].split("@")[0].split("~")[0])
     keys = sorted((k for k in data if k.startswith("accuracy_")), key=lambda k: (ACCURACY.index(testbed_of(k)), k))
     for key in keys:
@@ -522,12 +527,17 @@ def render_md(data: dict) -> str:
 
 
 PROTOCOL_PLOT = "quari_protocols.png"
+# the result shown in the plot for each protocol test bed: the settings its val testbed picked
+# (World-ILIAS: TA 2,000 epochs, QuARI's unit query head with λ 0.9; see quari.md)
+HEADLINE = {"world-ilias": "accuracy_world-ilias-ta2000~query_residual=0.9~unit_query_head=1",
+            "world-ilias-100k": "accuracy_world-ilias-100k-ta2000~query_residual=0.9~unit_query_head=1"}
 
 
 def plot_protocols(data: dict, path: Path) -> bool:
     """Bars of the headline metric (mean ± sd over seeds) per method on the protocol test
     beds; False when none has results yet."""
-    beds = [t for t in ("world-ilias", "world-ilias-100k", "world-inquire") if f"accuracy_{t}" in data]
+    key = lambda t: HEADLINE[t] if HEADLINE.get(t) in data else f"accuracy_{t}"  # noqa: E731
+    beds = [t for t in ("world-ilias", "world-ilias-100k", "world-inquire") if key(t) in data]
     if not beds:
         return False
     import matplotlib
@@ -539,7 +549,7 @@ def plot_protocols(data: dict, path: Path) -> bool:
 
     fig, axes = plt.subplots(1, len(beds), figsize=(4.8 * len(beds), 4.2), squeeze=False)
     for ax, bed in zip(axes[0], beds):
-        a = data[f"accuracy_{bed}"]
+        a = data[key(bed)]
         names = list(a["rows"])
         means = [a["rows"][m][a["metric"]] for m in names]
         sds = [a["sd"].get(m, 0.0) for m in names]
@@ -550,7 +560,8 @@ def plot_protocols(data: dict, path: Path) -> bool:
         ax.invert_yaxis()
         ax.axvline(a["rows"]["zero-shot"][a["metric"]], color="k", lw=0.8, ls="--")
         ax.set_xlabel(f"{a['metric']} (mean ± sd, {len(a['seeds'])} seeds)")
-        ax.set_title(bed, fontsize=10)
+        ax.set_title(bed + (f" (TA {a['ta_epochs']} epochs)" if a.get("ta_epochs", a["epochs"]) != a["epochs"] else ""),
+                     fontsize=10)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110)
@@ -581,7 +592,8 @@ def main() -> None:
         ta_epochs = int(args.ta_epochs) if args.ta_epochs else None
         tag = budget_tag(args.epochs, args.lr, args.batch, ta_epochs)
         model, train = parse_model(args.model), parse_model(args.train, train=True)
-        key = (f"accuracy_{args.testbed}" + (tag if args.testbed.endswith("-val") else "")
+        key = (f"accuracy_{args.testbed}"
+               + (tag if args.testbed.endswith("-val") else ta_tag(args.epochs, ta_epochs))
                + encoder_tag(args.testbed, args.encoder) + model_tag({**model, **train}))
         part = bench_accuracy(args.testbed, args.encoder, args.epochs, seeds, args.lr, args.batch,
                               args.variants.split(",") if args.variants else None, model, train, ta_epochs)
