@@ -167,8 +167,8 @@ def _accuracy_one_seed(enc, pairs, task, run_dir: Path, epochs: int, seed: int, 
     ta_path = run_dir / f"ta{tail}.safetensors"
     if not ta_path.is_file():
         t0 = time.perf_counter()
-        save_ta(ta_path, train_ta(q, t, tof, epochs=ta_epochs or epochs, batch_size=batch, lr=1e-3, seed=seed, groups=groups),
-                backbone=enc.fingerprint())
+        p = train_ta(q, t, tof, epochs=ta_epochs or epochs, batch_size=batch, lr=1e-3, seed=seed, groups=groups)
+        save_ta(ta_path, p, backbone=enc.fingerprint())
         write_json(ta_path.with_suffix(".json"), {"train_seconds": time.perf_counter() - t0})
     timing = ta_path.with_suffix(".json")
     train_seconds = {"TA": read_json(timing)["train_seconds"] if timing.is_file() else float("nan")}
@@ -264,7 +264,8 @@ def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[i
     per = {k: [r[k][head] for r, _ in per_seed] for k in names}
     diffs = {k: np.subtract(per[k], per["QuARI"]) for k in VARIANTS if k.startswith("w/o") and k in per}
     out = {"testbed": desc, "model": {**MODEL, **(model or {})}, "model_overrides": model or {},
-           "train_overrides": train or {}, "epochs": epochs, "ta_epochs": ta_epochs or epochs, "lr": lr, "batch_size": batch, "seeds": seeds,
+           "train_overrides": train or {}, "epochs": epochs, "ta_epochs": ta_epochs or epochs, "lr": lr,
+           "batch_size": batch, "seeds": seeds,
            "metric": head, "rows": rows, "per_seed": per, "sd": {k: sd(v) for k, v in per.items()},
            "train_seconds": per_seed[0][1],
            "quari_gain": rows["QuARI"][head] - rows["zero-shot"][head],
@@ -528,9 +529,11 @@ def render_md(data: dict) -> str:
 
 PROTOCOL_PLOT = "quari_protocols.png"
 # the result shown in the plot for each protocol test bed: the settings its val testbed picked
-# (World-ILIAS: TA 2,000 epochs, QuARI's unit query head with λ 0.9; see quari.md)
+# (World-ILIAS: TA 2,000 epochs, QuARI's unit query head with λ 0.9; World-INQUIRE: TA 1,000
+# epochs, QuARI's defaults; see quari.md)
 HEADLINE = {"world-ilias": "accuracy_world-ilias-ta2000~query_residual=0.9~unit_query_head=1",
-            "world-ilias-100k": "accuracy_world-ilias-100k-ta2000~query_residual=0.9~unit_query_head=1"}
+            "world-ilias-100k": "accuracy_world-ilias-100k-ta2000~query_residual=0.9~unit_query_head=1",
+            "world-inquire": "accuracy_world-inquire-ta1000"}
 
 
 def plot_protocols(data: dict, path: Path) -> bool:
@@ -560,8 +563,8 @@ def plot_protocols(data: dict, path: Path) -> bool:
         ax.invert_yaxis()
         ax.axvline(a["rows"]["zero-shot"][a["metric"]], color="k", lw=0.8, ls="--")
         ax.set_xlabel(f"{a['metric']} (mean ± sd, {len(a['seeds'])} seeds)")
-        ax.set_title(bed + (f" (TA {a['ta_epochs']} epochs)" if a.get("ta_epochs", a["epochs"]) != a["epochs"] else ""),
-                     fontsize=10)
+        own_ta = a.get("ta_epochs", a["epochs"]) != a["epochs"]
+        ax.set_title(bed + (f" (TA {a['ta_epochs']} epochs)" if own_ta else ""), fontsize=10)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110)

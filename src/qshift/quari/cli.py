@@ -45,9 +45,10 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
           hard_negatives: int = typer.Option(0, help="Per target, its N nearest non-positives join the batch as "
                                              "negatives (reconstruction; a world-ilias set adds its near-duplicates)."),
           anchor: Optional[float] = typer.Option(0.8, help="T = I + a·UVᵀ (authors' code); 0 → T = UVᵀ (paper)."),
-          query_residual: float = typer.Option(0.5, help="λ in q' = norm((1-λ)·MLP(control) + λ·q) (authors' code)."),
-          unit_query_head: bool = typer.Option(False, help="Normalise MLP(control) before the λ-mix, so that λ bounds "
-                                               "how far q' moves (reconstruction; World-ILIAS val's pick with λ 0.9)."),
+          query_residual: float = typer.Option(0.5, help="λ in q' = norm((1-λ)·MLP(control) + λ·q)."),
+          unit_query_head: bool = typer.Option(False, help="Normalise MLP(control) before the λ-mix, so that λ "
+                                               "bounds how far q' moves (reconstruction; World-ILIAS val's pick, "
+                                               "with λ 0.9)."),
           ta: Optional[Path] = typer.Option(None, help="Train on features projected by this TA map (TA + QuARI)."),
           val_fraction: float = typer.Option(0.1, help="Share of targets held out (≤ 1,000) to pick the best epoch."),
           seed: int = typer.Option(0),
