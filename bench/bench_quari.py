@@ -11,6 +11,8 @@ ablations, and the latency of low-rank scoring, re-ranking and full search.
     .venv/bin/python bench/bench_quari.py accuracy --testbed world-ilias-val --train hard_negatives=8
     .venv/bin/python bench/bench_quari.py accuracy --testbed world-ilias-val --epochs 10 --ta-epochs 2000
     .venv/bin/python bench/bench_quari.py ta-budget --testbed world-ilias-val --ta-epochs 10,60,250,1000,2000
+    .venv/bin/python bench/bench_quari.py accuracy --testbed world-ilias --epochs 10 --ta-epochs 2000 \
+        --variants "QuARI,TA + QuARI,w/o iterative generation,w/o semi-positives,w/o noise,TA + QuARI w/o noise"
     .venv/bin/python bench/bench_quari.py latency
 
 Accuracy trains on the training split (world: train; world-pixel: the held-out pixel
@@ -59,6 +61,15 @@ VARIANTS = {  # name: (model overrides, train overrides, on TA features)
     "w/o semi-positives": ({}, {"semi_positives": False}, False),
     "w/o noise": ({}, {"noise": False}, False),
 }
+# opt-in (--variants): the same ablations of QuARI trained on TA features, each compared with
+# "TA + QuARI" (where the per-query part is the only thing the ablation can change)
+TA_ABLATIONS = {f"TA + QuARI {k}": (m, t, True) for k, (m, t, _) in VARIANTS.items() if k.startswith("w/o")}
+ALL_VARIANTS = {**VARIANTS, **TA_ABLATIONS}
+
+
+def ablation_reference(name: str) -> str:
+    """The full model an ablation row is compared with."""
+    return "TA + QuARI" if name.startswith("TA + QuARI w/o") else "QuARI"
 
 
 # the cut-offs each protocol reports (ILIAS: mAP@1k; INQUIRE: mAP@50, nDCG@50); captions: @10
@@ -174,8 +185,8 @@ def _accuracy_one_seed(enc, pairs, task, run_dir: Path, epochs: int, seed: int, 
     train_seconds = {"TA": read_json(timing)["train_seconds"] if timing.is_file() else float("nan")}
     p = load_ta(ta_path)
     rows["TA"] = _metrics(_pipeline_scores(enc, task, {"name": "ta", "checkpoint": str(ta_path)}), positive, k_map)
-    for name, (m_over, t_over, on_ta) in VARIANTS.items():
-        if variants is not None and name not in variants:
+    for name, (m_over, t_over, on_ta) in ALL_VARIANTS.items():
+        if name not in (VARIANTS if variants is None else variants):
             continue
         out = run_dir / (name.replace(" ", "_").replace("/", "").replace("+", "plus") + tail)
         mcfg = QuARIConfig(dim=q.shape[1], **{**MODEL, **(model or {}), **m_over})
@@ -250,8 +261,8 @@ def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[i
                                     + model_tag({**(model or {}), **(train or {})}))
     run_dir.mkdir(parents=True, exist_ok=True)
     k_map = K_MAP.get(testbed, 10)
-    if variants is not None and set(variants) - set(VARIANTS):
-        raise SystemExit(f"unknown variants {sorted(set(variants) - set(VARIANTS))}; known: {list(VARIANTS)}")
+    if variants is not None and set(variants) - set(ALL_VARIANTS):
+        raise SystemExit(f"unknown variants {sorted(set(variants) - set(ALL_VARIANTS))}; known: {list(ALL_VARIANTS)}")
     variants = None if variants is None else ["QuARI", *[v for v in variants if v != "QuARI"]]  # the reference
     per_seed = [_accuracy_one_seed(enc, pairs, task, run_dir, epochs, s, k_map, lr, batch, variants, model or {},
                                    train or {}, ta_epochs)
@@ -262,7 +273,8 @@ def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[i
     # the headline metric: R@1 for caption retrieval (one positive), mAP@k for the protocols
     head = "R@1" if testbed not in K_MAP else f"mAP@{k_map}"
     per = {k: [r[k][head] for r, _ in per_seed] for k in names}
-    diffs = {k: np.subtract(per[k], per["QuARI"]) for k in VARIANTS if k.startswith("w/o") and k in per}
+    diffs = {k: np.subtract(per[k], per[ablation_reference(k)]) for k in ALL_VARIANTS
+             if "w/o" in k and k in per and ablation_reference(k) in per}
     out = {"testbed": desc, "model": {**MODEL, **(model or {})}, "model_overrides": model or {},
            "train_overrides": train or {}, "epochs": epochs, "ta_epochs": ta_epochs or epochs, "lr": lr,
            "batch_size": batch, "seeds": seeds,
@@ -271,7 +283,8 @@ def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[i
            "quari_gain": rows["QuARI"][head] - rows["zero-shot"][head],
            "ablation_minus_full": {k: {"mean": float(d.mean()), "sd": sd(d)} for k, d in diffs.items()},
            "ablations_below_full": {k: bool(d.mean() < 0) for k, d in diffs.items()},
-           "ablations_below_by_more_than_spread": {k: bool(-d.mean() > sd(per["QuARI"])) for k, d in diffs.items()}}
+           "ablations_below_by_more_than_spread": {k: bool(-d.mean() > sd(per[ablation_reference(k)]))
+                                                   for k, d in diffs.items()}}
     if testbed == "world-ilias-100k":
         out["full_search"] = _full_search(enc, task, run_dir)
     return out
@@ -471,8 +484,8 @@ def render_md(data: dict) -> str:
                + (f" --lr {a['lr']:g}" if a.get("lr", LR) != LR else "")
                + (f" --batch {a['batch_size']}" if a.get("batch_size", BATCH) != BATCH else "")
                + (f" --ta-epochs {a['ta_epochs']}" if a.get("ta_epochs", a["epochs"]) != a["epochs"] else "")
-               + (f" --variants {','.join(m for m in VARIANTS if m in a['rows'])}"
-                  if not set(VARIANTS) <= set(a["rows"]) else "")
+               + (f" --variants \"{','.join(m for m in ALL_VARIANTS if m in a['rows'])}\""
+                  if set(VARIANTS) ^ (set(a["rows"]) & set(ALL_VARIANTS)) else "")
                + f"` (hypernetwork {dict(sorted(a['model'].items()))}, batch {a.get('batch_size')}, "
                f"lr {a.get('lr')}; metrics are means over {len(seeds)} training seed(s))", ""]
         if testbed in K_MAP:
@@ -488,7 +501,8 @@ def render_md(data: dict) -> str:
         gaps = a["ablation_minus_full"]
         md += [md_table(rows, ["method", *cols, *extra, "train s"],
                         {c: ".2f" for c in [*cols, f"{head} sd", "train s"]}), "",
-               f"QuARI − zero-shot: {a['quari_gain']:+.2f} {head}. Ablation − full QuARI ({head}, paired by seed): "
+               f"QuARI − zero-shot: {a['quari_gain']:+.2f} {head}. Ablation − its full model (QuARI, or TA + "
+               f"QuARI for the TA + QuARI ablations; {head}, paired by seed): "
                + ", ".join(f"{k}: {g['mean']:+.2f}" + (f" ± {g['sd']:.2f}" if len(seeds) > 1 else "")
                            for k, g in gaps.items()), "",
                NOTES[testbed], ""]
@@ -556,8 +570,7 @@ def plot_protocols(data: dict, path: Path) -> bool:
         names = list(a["rows"])
         means = [a["rows"][m][a["metric"]] for m in names]
         sds = [a["sd"].get(m, 0.0) for m in names]
-        colors = ["#888" if m in ("zero-shot", "TA") else "#3a7" if m.startswith("QuARI") or m.startswith("TA +")
-                  else "#c84" for m in names]
+        colors = ["#888" if m in ("zero-shot", "TA") else "#c84" if "w/o" in m else "#3a7" for m in names]
         ax.barh(range(len(names)), means, xerr=sds, color=colors)
         ax.set_yticks(range(len(names)), names, fontsize=8)
         ax.invert_yaxis()
