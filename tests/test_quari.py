@@ -283,6 +283,8 @@ def test_cli_train_ta_and_quari_from_store(image_collection, tmp_path):
     model, proj, meta = load_quari(tmp_path / "q")
     assert proj is not None and meta["backbone"].startswith("openclip:qshift-tiny-vit") and model.cfg.rank == 2
     assert model.cfg.query_residual == 0.9 and model.cfg.unit_query_head
+    r = run("quari", "train", image_collection, "-o", tmp_path / "q3", *small, "--query-residual", "1.5", *common)
+    assert r.exit_code != 0 and "query_residual must be in [0, 1]" in r.output
     r = run("quari", "train", image_collection, "-o", tmp_path / "q2", "--direction", "i2t", *common)
     assert r.exit_code != 0 and "direction must be one of t2i, t2t" in r.output
 
