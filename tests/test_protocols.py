@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,8 +88,14 @@ def test_i2i_and_many_positive_tasks(sets, tiny_clip, tmp_path):
 
 
 def test_bad_specs_and_builds(tmp_path):
-    assert parse_spec("world-ilias:test-10k") == ("ilias", "test", 10000)
-    assert parse_spec("world-inquire:train") == ("inquire", "train", None)
+    assert parse_spec("world-ilias:test-10k") == ("ilias", "test", 10000, None)
+    assert parse_spec("world-inquire:train") == ("inquire", "train", None, None)
+    assert parse_spec("world-ilias:train-i20000") == ("ilias", "train", None, 20000)
+    assert parse_spec("world-ilias:train-50k-i8000") == ("ilias", "train", 50000, 8000)
+    for bad in ("world-ilias:train-i0", "world-ilias:train-ix", "world-inquire:train-i50",
+                "world-ilias:test-10k-20k", "world-ilias:train-i5-10k"):
+        with pytest.raises(InputError, match="SPLIT\\[-SIZE\\]\\[-iN\\]"):
+            parse_spec(bad)
     with pytest.raises(InputError, match="split must be train, val or test"):
         parse_spec("world-ilias:dev")
     with pytest.raises(InputError, match="expected world-ilias"):
@@ -97,6 +104,20 @@ def test_bad_specs_and_builds(tmp_path):
         build_ilias(tmp_path, "test", 100, instances=5, renderings=1)
     with pytest.raises(InputError, match="cannot hold"):
         build_ilias(tmp_path, "test", 10, instances=5)
+
+
+def test_more_instances_extend_the_same_set(tmp_path):
+    """world-ilias:SPLIT-iN: a larger training set holds the smaller one's instances unchanged."""
+    from qshift.data.collection import load_collection
+    from qshift.world.protocols import protocol_collection
+
+    small, big = (protocol_collection(f"world-ilias:val-i{n}", root=tmp_path) for n in (3, 5))
+    assert Path(big.source).name == "ilias-val-25-i5.csv" and len(small.image_paths) == 3 * 6
+    p_small, p_big = small.meta["protocol"], big.meta["protocol"]
+    assert max(p_big["instance"]) == 4 and p_big["instance"][:18] == p_small["instance"]
+    for a, b in zip(small.image_paths, big.image_paths[:18]):
+        assert a.read_bytes() == b.read_bytes()
+    assert load_collection(Path(big.source)).captions[:18] == small.captions
 
 
 def _stage_cache(root, tmp_path, monkeypatch) -> None:

@@ -19,8 +19,10 @@ Each set is written like any collection (``NAME.csv``: image, caption — one ca
 image, from the world's captioner) plus ``NAME.protocol.json`` (role and instance of
 every image, or the queries with their relevant images), in ``$QSHIFT_CACHE/world-
 protocols/`` by default; building resumes (images are skipped when present).
-Specs: ``world-ilias:SPLIT[-SIZE]`` and ``world-inquire:SPLIT[-SIZE]``, e.g.
-``world-ilias:test-10k``, ``world-inquire:train``.
+Specs: ``world-ilias:SPLIT[-SIZE][-iN]`` and ``world-inquire:SPLIT[-SIZE]``, e.g.
+``world-ilias:test-10k``, ``world-inquire:train``, ``world-ilias:train-i20000`` (20,000
+training instances instead of 2,000; instance k is the same scene in every size, so a
+smaller set is a subset of a larger one).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import io
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -52,19 +54,38 @@ def _size(token: str) -> int:
     return int(float(token[:-1]) * 1000) if token.endswith("k") else int(token)
 
 
-def parse_spec(spec: str) -> tuple[str, str, int | None]:
-    """``world-ilias:test-10k`` → ("ilias", "test", 10000)."""
+class Spec(NamedTuple):
+    kind: str                   # "ilias" or "inquire"
+    split: str                  # train, val or test
+    gallery: int | None         # images (None: the split's default)
+    instances: int | None = None  # World-ILIAS instances (None: the split's default)
+
+
+def parse_spec(spec: str) -> Spec:
+    """``world-ilias:test-10k`` → Spec("ilias", "test", 10000); ``world-ilias:train-i20000``
+    (ILIAS only) sets the number of instances, e.g. a larger training set."""
     kind, _, rest = spec.partition(":")
     kind = kind.removeprefix("world-")
     if kind not in SPLIT_SIZES:
-        raise InputError(f"{spec}: expected world-ilias:SPLIT[-SIZE] or world-inquire:SPLIT[-SIZE]")
-    split, _, size = rest.partition("-")
+        raise InputError(f"{spec}: expected world-ilias:SPLIT[-SIZE][-iN] or world-inquire:SPLIT[-SIZE]")
+    split, *tokens = rest.split("-")
     if split not in ("train", "val", "test"):
         raise InputError(f"{spec}: split must be train, val or test, got {split!r}")
-    try:
-        return kind, split, _size(size) if size else None
-    except ValueError:
-        raise InputError(f"{spec}: gallery size must be a number like 10k, got {size!r}") from None
+    gallery = instances = None
+    for token in tokens:
+        try:
+            if token[:1] == "i" and kind == "ilias" and instances is None:
+                instances = int(token[1:])
+                if instances < 1:
+                    raise ValueError
+            elif gallery is None and instances is None:
+                gallery = _size(token)
+            else:
+                raise ValueError
+        except ValueError:
+            raise InputError(f"{spec}: expected SPLIT[-SIZE][-iN] with SIZE a number like 10k and N a positive "
+                             f"number of instances (world-ilias only), got {token!r}") from None
+    return Spec(kind, split, gallery, instances)
 
 
 def _write_png(path: Path, arr: np.ndarray) -> None:
@@ -286,14 +307,16 @@ def protocol_collection(spec: str, root: Path | None = None, progress: bool = Fa
     """The collection of a protocol spec (built on first use), with its ``meta['protocol']``."""
     from qshift.data.collection import load_collection
 
-    kind, split, gallery = parse_spec(spec)
+    kind, split, gallery, instances = parse_spec(spec)
     root = Path(root or protocol_root())
-    size = gallery or (SPLIT_SIZES[kind][split] * (5 if kind == "ilias" else 1))
-    name = f"{kind}-{split}-{size}"
+    size = gallery or ((instances or SPLIT_SIZES[kind][split]) * (5 if kind == "ilias" else 1))
+    name = f"{kind}-{split}-{size}" + (f"-i{instances}" if instances else "")
     csv_path, meta_path = root / f"{name}.csv", root / f"{name}.protocol.json"
     if not (csv_path.is_file() and meta_path.is_file()):
-        build = build_ilias if kind == "ilias" else build_inquire
-        csv_path = build(root, split, size, progress=progress)
+        if kind == "ilias":
+            csv_path = build_ilias(root, split, size, instances=instances, progress=progress)
+        else:
+            csv_path = build_inquire(root, split, size, progress=progress)
     coll = load_collection(csv_path)
     coll.meta["protocol"] = read_json(meta_path)
     return coll
