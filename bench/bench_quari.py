@@ -88,8 +88,9 @@ def _metrics(scores: np.ndarray, qrels, k_map: int = 10) -> dict[str, float]:
     return retrieval_metrics(top, qrels, ks=(1, 5, 10), k_map=k_map, full_ranks=first_positive_rank(scores, qrels))
 
 
-def _protocol_testbed(name: str, encoder: str | None, store):
-    """World-ILIAS (i2i) or World-INQUIRE (t2i): train split's pairs, test split's task."""
+def _protocol_testbed(name: str, encoder: str | None, store, train_instances: int | None = None):
+    """World-ILIAS (i2i) or World-INQUIRE (t2i): train split's pairs (World-ILIAS: of
+    ``train_instances`` instances, default 2,000), test split's task."""
     from qshift.encoders import create_encoder
     from qshift.quari.data import protocol_negatives, protocol_pairs
     from qshift.retrieval import build_task
@@ -101,7 +102,10 @@ def _protocol_testbed(name: str, encoder: str | None, store):
     test_spec = {"world-ilias": "world-ilias:test-10k", "world-ilias-100k": "world-ilias:test-100k",
                  "world-ilias-val": "world-ilias:val", "world-inquire": "world-inquire:test",
                  "world-inquire-val": "world-inquire:val"}[name]
-    train = protocol_collection(f"world-{kind}:train", progress=True)
+    if train_instances and kind != "ilias":
+        raise SystemExit("--train-instances: world-ilias testbeds only")
+    train = protocol_collection(f"world-{kind}:train" + (f"-i{train_instances}" if train_instances else ""),
+                                progress=True)
     pairs = (*protocol_pairs(train, enc, store), protocol_negatives(train, enc, store))
     test = protocol_collection(test_spec, progress=True)
     task = build_task(test, enc, direction, store)
@@ -115,7 +119,7 @@ def _protocol_testbed(name: str, encoder: str | None, store):
     return enc, pairs, task, desc
 
 
-def _testbed(name: str, encoder: str | None):
+def _testbed(name: str, encoder: str | None, train_instances: int | None = None):
     """(encoder, train pairs, test task, description)."""
     from qshift.data.collection import load_collection
     from qshift.encoders import create_encoder
@@ -126,7 +130,9 @@ def _testbed(name: str, encoder: str | None):
 
     store = EmbeddingStore(cache_dir() / "store")
     if name in K_MAP:
-        return _protocol_testbed(name, encoder, store)
+        return _protocol_testbed(name, encoder, store, train_instances)
+    if train_instances:
+        raise SystemExit("--train-instances: world-ilias testbeds only")
     if name.startswith("world"):
         from qshift.world import world_collection
 
@@ -243,6 +249,11 @@ def budget_tag(epochs: int, lr: float = LR, batch: int = BATCH, ta_epochs: int |
             + ta_tag(epochs, ta_epochs))
 
 
+def instances_tag(train_instances: int | None) -> str:
+    """-i20000 when World-ILIAS trains on another number of instances than its 2,000."""
+    return f"-i{train_instances}" if train_instances else ""
+
+
 def ta_tag(epochs: int, ta_epochs: int | None) -> str:
     """-ta2000 when TA has its own budget (in run folders and every result key)."""
     return f"-ta{ta_epochs}" if ta_epochs not in (None, epochs) else ""
@@ -250,12 +261,14 @@ def ta_tag(epochs: int, ta_epochs: int | None) -> str:
 
 def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[int], lr: float = LR,
                    batch: int = BATCH, variants: list[str] | None = None, model: dict | None = None,
-                   train: dict | None = None, ta_epochs: int | None = None) -> dict:
+                   train: dict | None = None, ta_epochs: int | None = None,
+                   train_instances: int | None = None) -> dict:
     """Every method (or ``variants`` of QuARI only) over ``seeds`` training seeds: mean metrics,
     and the headline metric per seed with the ablations' paired differences to full QuARI
     (the seed spread decides what is a gap)."""
-    enc, pairs, task, desc = _testbed(testbed, encoder)
-    run_dir = RUNS / f"quari-{TRAIN_SET.get(testbed, testbed)}{encoder_tag(testbed, encoder)}"
+    enc, pairs, task, desc = _testbed(testbed, encoder, train_instances)
+    run_dir = RUNS / (f"quari-{TRAIN_SET.get(testbed, testbed)}{encoder_tag(testbed, encoder)}"
+                      + instances_tag(train_instances))
     if testbed in K_MAP:                    # one folder per budget (the val testbeds compare them)
         run_dir = run_dir.with_name(run_dir.name + budget_tag(epochs, lr, batch, ta_epochs)
                                     + model_tag({**(model or {}), **(train or {})}))
@@ -277,6 +290,7 @@ def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[i
              if "w/o" in k and k in per and ablation_reference(k) in per}
     out = {"testbed": desc, "model": {**MODEL, **(model or {})}, "model_overrides": model or {},
            "train_overrides": train or {}, "epochs": epochs, "ta_epochs": ta_epochs or epochs, "lr": lr,
+           "train_instances": train_instances,
            "batch_size": batch, "seeds": seeds,
            "metric": head, "rows": rows, "per_seed": per, "sd": {k: sd(v) for k, v in per.items()},
            "train_seconds": per_seed[0][1],
@@ -291,13 +305,13 @@ def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[i
 
 
 def bench_ta_budget(testbed: str, encoder: str | None, budgets: list[int], seed: int = 0,
-                    batch: int = BATCH) -> dict:
+                    batch: int = BATCH, train_instances: int | None = None) -> dict:
     """TA alone at several epoch budgets (a val testbed picks TA's own budget: the linear map
     is cheap and keeps improving long after the hypernetwork stops)."""
     from qshift.quari import train_ta
     from qshift.quari.train import project
 
-    enc, (q, t, tof, groups, _), task, desc = _testbed(testbed, encoder)
+    enc, (q, t, tof, groups, _), task, desc = _testbed(testbed, encoder, train_instances)
     k_map = K_MAP.get(testbed, 10)
     head = "R@1" if testbed not in K_MAP else f"mAP@{k_map}"
     rows = [{"epochs": 0, **_metrics(task.queries @ task.gallery.T, task.qrels, k_map), "train s": 0.0}]
@@ -309,7 +323,7 @@ def bench_ta_budget(testbed: str, encoder: str | None, budgets: list[int], seed:
         rows.append({"epochs": epochs, **_metrics(scores, task.qrels, k_map), "train s": seconds})
     best = max(rows[1:], key=lambda r: r[head])
     return {"testbed": desc, "metric": head, "seed": seed, "batch_size": batch, "rows": rows,
-            "best_epochs": best["epochs"]}
+            "best_epochs": best["epochs"], "train_instances": train_instances}
 
 
 def _full_search(enc, task, run_dir: Path, k: int = 100) -> dict:
@@ -466,7 +480,7 @@ ACCURACY = ("world", "world-pixel", "coco", "world-ilias-val", "world-ilias", "w
 
 def render_md(data: dict) -> str:
     md = ["# QuARI (issues 7, 21)", ""]
-    testbed_of = lambda k: re.sub(r"(-e\d+(-lr[^-]+)?(-b\d+)?)?(-ta\d+)?$", "",  # noqa: E731
+    testbed_of = lambda k: re.sub(r"(-e\d+(-lr[^-]+)?(-b\d+)?)?(-ta\d+)?(-i\d+)?$", "",  # noqa: E731
                                   k[len("accuracy_"):].split("@")[0].split("~")[0])
     keys = sorted((k for k in data if k.startswith("accuracy_")), key=lambda k: (ACCURACY.index(testbed_of(k)), k))
     for key in keys:
@@ -484,6 +498,7 @@ def render_md(data: dict) -> str:
                + (f" --lr {a['lr']:g}" if a.get("lr", LR) != LR else "")
                + (f" --batch {a['batch_size']}" if a.get("batch_size", BATCH) != BATCH else "")
                + (f" --ta-epochs {a['ta_epochs']}" if a.get("ta_epochs", a["epochs"]) != a["epochs"] else "")
+               + (f" --train-instances {a['train_instances']}" if a.get("train_instances") else "")
                + (f" --variants \"{','.join(m for m in ALL_VARIANTS if m in a['rows'])}\""
                   if set(VARIANTS) ^ (set(a["rows"]) & set(ALL_VARIANTS)) else "")
                + f"` (hypernetwork {dict(sorted(a['model'].items()))}, batch {a.get('batch_size')}, "
@@ -515,12 +530,14 @@ def render_md(data: dict) -> str:
                              if c not in ("index", "nprobe", "overfetch")}), ""]
     for key in sorted(k for k in data if k.startswith("ta_budget_")):
         a = data[key]
-        testbed, head = key[len("ta_budget_"):].split("@")[0], a["metric"]
+        testbed, head = re.sub(r"-i\d+$", "", key[len("ta_budget_"):].split("@")[0]), a["metric"]
         k = K_MAP.get(testbed, 10)
         cols = [f"mAP@{k}", "R@1", "R@10"] if testbed in K_MAP else ["R@1", "R@10"]
         md += [f"## TA's epoch budget — {a['testbed']}", "",
                f"`.venv/bin/python bench/bench_quari.py ta-budget --testbed {testbed} --ta-epochs "
-               f"{','.join(str(r['epochs']) for r in a['rows'][1:])}` (seed {a['seed']}, batch {a['batch_size']}, "
+               f"{','.join(str(r['epochs']) for r in a['rows'][1:])}"
+               + (f" --train-instances {a['train_instances']}" if a.get("train_instances") else "")
+               + f"` (seed {a['seed']}, batch {a['batch_size']}, "
                "lr 1e-3; epochs 0 = zero-shot)", "",
                md_table(a["rows"], ["epochs", *cols, "train s"], {c: ".2f" for c in [*cols, "train s"]}), "",
                f"Best {head}: {a['best_epochs']} epochs.", ""]
@@ -602,6 +619,8 @@ def main() -> None:
     ap.add_argument("--model", help="hypernetwork overrides, e.g. query_residual=0.9,anchor=0.2 (QuARIConfig fields)")
     ap.add_argument("--train", help="training overrides, e.g. hard_negatives=8 (QuARITrainConfig fields)")
     ap.add_argument("--gallery", type=int, default=1_000_000)
+    ap.add_argument("--train-instances", type=int,
+                    help="World-ILIAS training instances (default 2,000; world-ilias:train-iN, a superset)")
     args = ap.parse_args()
     if args.what == "accuracy":
         seeds = [int(x) for x in args.seeds.split(",")]
@@ -610,16 +629,18 @@ def main() -> None:
         model, train = parse_model(args.model), parse_model(args.train, train=True)
         key = (f"accuracy_{args.testbed}"
                + (tag if args.testbed.endswith("-val") else ta_tag(args.epochs, ta_epochs))
-               + encoder_tag(args.testbed, args.encoder) + model_tag({**model, **train}))
+               + instances_tag(args.train_instances) + encoder_tag(args.testbed, args.encoder) + model_tag({**model, **train}))
         part = bench_accuracy(args.testbed, args.encoder, args.epochs, seeds, args.lr, args.batch,
-                              args.variants.split(",") if args.variants else None, model, train, ta_epochs)
+                              args.variants.split(",") if args.variants else None, model, train, ta_epochs,
+                              args.train_instances)
         if args.no_write:
             print(json.dumps(part["per_seed"], indent=1))
             return
     elif args.what == "ta-budget":
         budgets = [int(x) for x in (args.ta_epochs or "10,60,250,1000,2000").split(",")]
-        key = f"ta_budget_{args.testbed}" + encoder_tag(args.testbed, args.encoder)
-        part = bench_ta_budget(args.testbed, args.encoder, budgets, int(args.seeds.split(",")[0]), args.batch)
+        key = f"ta_budget_{args.testbed}" + instances_tag(args.train_instances) + encoder_tag(args.testbed, args.encoder)
+        part = bench_ta_budget(args.testbed, args.encoder, budgets, int(args.seeds.split(",")[0]), args.batch,
+                               args.train_instances)
     else:
         key, part = "latency", bench_latency(n_gallery=args.gallery)
     data = previous_results("quari")  # read after the run: another part may have finished meanwhile
