@@ -79,6 +79,29 @@ def test_unit_query_head_bounds_the_move_of_q():
             assert cos.min() < 2 * lam - 1
 
 
+def test_identity_init_starts_at_the_backbone_and_learns(tmp_path):
+    """identity_init: T = I and q' = q before training (the backbone's exact scores); training
+    moves away from it and beats the backbone on the toy task; bad combinations refused."""
+    rng = np.random.default_rng(0)
+    q, t, tof = _toy(rng)
+    mcfg = QuARIConfig(dim=16, rank=4, hidden=32, layers=1, heads=2, steps=2, identity_init=True)
+    qs = q[::2]
+    cos = (qs / np.linalg.norm(qs, axis=1, keepdims=True)) @ (t / np.linalg.norm(t, axis=1, keepdims=True)).T
+    assert np.allclose(quari_scores(QuARI(mcfg).eval(), qs, t), cos, atol=1e-5)
+    train_quari(q, t, tof, mcfg, QuARITrainConfig(epochs=200, batch_size=50, lr=3e-3, n_neighbors=10, val_fraction=0),
+                tmp_path / "run", progress=False)         # slower than the normalised form (B = 0 start)
+    model, _, _ = load_quari(tmp_path / "run")
+    assert model.cfg.identity_init
+    with torch.no_grad():
+        _, u, _ = model(torch.from_numpy(qs))
+    assert u.abs().max() > 1e-3                      # the low-rank change grew from zero
+    hit = lambda s: (s.argmax(1) == np.arange(len(t))).mean()  # noqa: E731
+    assert hit(quari_scores(model, qs, t)) > hit(cos) + 0.15
+    for bad in (dict(anchor=None), dict(unit_query_head=True), dict(query_residual=0.0)):
+        with pytest.raises(InputError, match="identity_init needs"):
+            QuARIConfig(dim=16, identity_init=True, **bad)
+
+
 def test_semi_positives_exclude_self_and_weights():
     rng = np.random.default_rng(1)
     t = _unit(rng, 50, 8)
@@ -285,6 +308,12 @@ def test_cli_train_ta_and_quari_from_store(image_collection, tmp_path):
     assert model.cfg.query_residual == 0.9 and model.cfg.unit_query_head
     r = run("quari", "train", image_collection, "-o", tmp_path / "q3", *small, "--query-residual", "1.5", *common)
     assert r.exit_code != 0 and "query_residual must be in [0, 1]" in r.output
+    r = run("quari", "train", image_collection, "-o", tmp_path / "q4", *small, "--identity-init", *common)
+    assert r.exit_code == 0, r.output
+    assert load_quari(tmp_path / "q4")[0].cfg.identity_init
+    r = run("quari", "train", image_collection, "-o", tmp_path / "q5", *small, "--identity-init", "--unit-query-head",
+            *common)
+    assert r.exit_code != 0 and "identity_init needs" in r.output
     r = run("quari", "train", image_collection, "-o", tmp_path / "q2", "--direction", "i2t", *common)
     assert r.exit_code != 0 and "direction must be one of t2i, t2t" in r.output
 

@@ -49,6 +49,8 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
           unit_query_head: bool = typer.Option(False, help="Normalise MLP(control) before the λ-mix, so that λ "
                                                "bounds how far q' moves (reconstruction; World-ILIAS val's pick, "
                                                "with λ 0.9)."),
+          identity_init: bool = typer.Option(False, help="Start at T = I and q' = q (U and q' decoders "
+                                             "zero-initialised, U and V not normalised; reconstruction)."),
           ta: Optional[Path] = typer.Option(None, help="Train on features projected by this TA map (TA + QuARI)."),
           val_fraction: float = typer.Option(0.1, help="Share of targets held out (≤ 1,000) to pick the best epoch."),
           seed: int = typer.Option(0),
@@ -64,7 +66,7 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
                                             not as_json, negatives=hard_negatives > 0)
     mcfg = QuARIConfig(dim=q.shape[1], rank=rank, hidden=hidden, layers=layers, heads=heads, steps=steps,
                        one_step=one_step, anchor=anchor or None, query_residual=query_residual,
-                       unit_query_head=unit_query_head)
+                       unit_query_head=unit_query_head, identity_init=identity_init)
     tcfg = QuARITrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, noise=noise,
                             semi_positives=semi_positives, hard_negatives=hard_negatives,
                             val_fraction=val_fraction, seed=seed)

@@ -27,6 +27,12 @@ of at the backbone's ranking), and make the difference switchable:
   the mix, so that λ alone bounds how far q' moves (cos(q', q) ≥ 2λ − 1). Without it the
   head's output norm sets the mix: trained on world-ILIAS with λ = 0.9, cos(q', q) was
   still only ≈ 0.93 — a move larger than the gap between an instance's renderings.
+* ``identity_init`` (reconstruction, off by default): T = I + a·UᵀV with U and V *not*
+  normalised and the last layers of the U and q' decoders zero-initialised (LoRA's B = 0),
+  so that at initialisation T = I and q' = q — QuARI starts exactly at the backbone's
+  ranking — and the size of the low-rank change is learned (weight decay pulls it back
+  to the identity). With the code's normalisation ‖a·UᵀV/(‖U‖‖V‖)‖_F ≤ a whatever the
+  data says, and the start is a random rank-r perturbation of a.
 * The control token is updated residually like the U/V tokens; U/V tokens are dropped
   at random (``token_dropout``, 5 %, as in the code) while training.
 
@@ -57,6 +63,7 @@ class QuARIConfig:
     query_residual: float = 0.5  # q' = norm((1-λ)·MLP(control) + λ·q); 0: q' = MLP(control)
     token_dropout: float = 0.05  # training only
     unit_query_head: bool = False  # normalise MLP(control) before the λ-mix (reconstruction)
+    identity_init: bool = False    # start at T = I, q' = q; U, V not normalised (reconstruction)
 
     def __post_init__(self) -> None:
         for name in ("dim", "rank", "hidden", "layers", "heads", "steps"):
@@ -66,6 +73,9 @@ class QuARIConfig:
             raise InputError(f"quari: hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         if not 0 <= self.query_residual <= 1 or not 0 <= self.token_dropout < 1:
             raise InputError("quari: query_residual must be in [0, 1] and token_dropout in [0, 1)")
+        if self.identity_init and (self.anchor is None or self.unit_query_head or self.query_residual == 0):
+            raise InputError("quari: identity_init needs an anchor (T = I + a·UᵀV), query_residual > 0 and no "
+                             "unit_query_head (q' = q at the start: the head starts at zero)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,6 +109,10 @@ class QuARI(nn.Module):
         self.decode_u = mlp(h, h, cfg.dim)
         self.decode_v = mlp(h, h, cfg.dim)
         self.decode_q = mlp(h, h, cfg.dim)
+        if cfg.identity_init:                                      # T = I and q' = q at the start
+            for dec in (self.decode_u, self.decode_q):
+                nn.init.zeros_(dec[-1].weight)
+                nn.init.zeros_(dec[-1].bias)
         self.register_buffer("pos", sinusoid(torch.arange(1 + 2 * r), h), persistent=False)
         self.register_buffer("step_pos", sinusoid(torch.arange(cfg.steps), h), persistent=False)
 
@@ -127,7 +141,7 @@ class QuARI(nn.Module):
         tokens = self.norm(tokens)
         u = self.decode_u(tokens[:, :r])                           # Eq. 7: MLP_u(u_j)
         v = self.decode_v(tokens[:, r:])                           #        MLP_v(v_j)
-        if self.cfg.anchor is not None:
+        if self.cfg.anchor is not None and not self.cfg.identity_init:
             u = u / u.flatten(1).norm(dim=1).clamp_min(1e-8)[:, None, None]
             v = v / v.flatten(1).norm(dim=1).clamp_min(1e-8)[:, None, None]
         lam = self.cfg.query_residual
