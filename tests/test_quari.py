@@ -4,6 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from qshift.errors import CheckpointMismatchError, InputError
+from qshift.io import read_json
 from qshift.quari import (QuARI, QuARIConfig, QuARITrainConfig, load_quari, quari_rerank, quari_scores,
                           quari_search, save_ta, train_quari, train_ta)
 from qshift.quari.scoring import (lowrank_scores, lowrank_scores_numpy, materialize, materialized_scores,
@@ -140,6 +141,23 @@ def test_hard_negative_columns_raise_the_loss_unless_masked():
     assert unmasked > own > base                       # the own-group copy is left out, the others count
     assert torch.allclose(quari_loss(model, q, d, None, None, 0.07, hard, torch.ones(4, 4, dtype=torch.bool)),
                           base, atol=1e-5)
+
+
+def test_column_half_of_the_loss_is_optional():
+    """column=False: the query-side softmax alone, −mean log p_ii; the default adds the
+    column half (over the batch's queries), as Eq. 10."""
+    torch.manual_seed(0)
+    model = QuARI(QuARIConfig(dim=8, rank=2, hidden=16, layers=1, heads=2, steps=1, token_dropout=0)).eval()
+    q = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    d = torch.nn.functional.normalize(q + 0.3 * torch.randn(6, 8), dim=-1)
+    with torch.no_grad():
+        qp, u, v = model(q)
+        s = lowrank_scores(qp, u, v, d, model.cfg.anchor) / 0.07
+    lab = torch.arange(6)
+    row, col = (torch.nn.functional.cross_entropy(x, lab) for x in (s, s.T))
+    with torch.no_grad():
+        assert torch.allclose(quari_loss(model, q, d, None, None, 0.07, column=False), row, atol=1e-5)
+        assert torch.allclose(quari_loss(model, q, d, None, None, 0.07), (row + col) / 2, atol=1e-5)
 
 
 def _toy(rng, n=200, e=16, k=2, info=4):
@@ -308,9 +326,11 @@ def test_cli_train_ta_and_quari_from_store(image_collection, tmp_path):
     assert model.cfg.query_residual == 0.9 and model.cfg.unit_query_head
     r = run("quari", "train", image_collection, "-o", tmp_path / "q3", *small, "--query-residual", "1.5", *common)
     assert r.exit_code != 0 and "query_residual must be in [0, 1]" in r.output
-    r = run("quari", "train", image_collection, "-o", tmp_path / "q4", *small, "--identity-init", *common)
+    r = run("quari", "train", image_collection, "-o", tmp_path / "q4", *small, "--identity-init", "--no-column-loss",
+            *common)
     assert r.exit_code == 0, r.output
     assert load_quari(tmp_path / "q4")[0].cfg.identity_init
+    assert read_json(tmp_path / "q4" / "quari.json")["train"]["column_loss"] is False
     r = run("quari", "train", image_collection, "-o", tmp_path / "q5", *small, "--identity-init", "--unit-query-head",
             *common)
     assert r.exit_code != 0 and "identity_init needs" in r.output

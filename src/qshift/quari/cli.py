@@ -42,6 +42,8 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
           one_step: bool = typer.Option(False, help="Ablation: no iterative generation."),
           semi_positives: bool = typer.Option(True, help="--no-semi-positives: ablation."),
           noise: bool = typer.Option(True, help="--no-noise: ablation."),
+          column_loss: bool = typer.Option(True, help="--no-column-loss: the query-side softmax of Eq. 10 only "
+                                           "(reconstruction: each row is scored through its own T)."),
           hard_negatives: int = typer.Option(0, help="Per target, its N nearest non-positives join the batch as "
                                              "negatives (reconstruction; a world-ilias set adds its near-duplicates)."),
           anchor: Optional[float] = typer.Option(0.8, help="T = I + a·UVᵀ (authors' code); 0 → T = UVᵀ (paper)."),
@@ -68,7 +70,7 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
                        one_step=one_step, anchor=anchor or None, query_residual=query_residual,
                        unit_query_head=unit_query_head, identity_init=identity_init)
     tcfg = QuARITrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, noise=noise,
-                            semi_positives=semi_positives, hard_negatives=hard_negatives,
+                            semi_positives=semi_positives, hard_negatives=hard_negatives, column_loss=column_loss,
                             val_fraction=val_fraction, seed=seed)
     res = train_quari(q, t, tof, mcfg, tcfg, out_dir, backbone=enc.fingerprint(), progress=not as_json,
                       projection=None if ta is None else load_ta(ta), groups=groups, negatives=pool)

@@ -24,6 +24,10 @@
 * Loss (Eq. 9–10): S_ij = cos(q'_i, T_i d_j) / τ (τ = 0.07) over the batch's targets and
   semi-positives, symmetric: rows over all candidate columns with targets α, columns
   over the batch's queries for the positives.
+* ``column_loss=False`` (reconstruction, on by default as in the paper): drop the column
+  half. Each row is scored through its own T_i, so a column's softmax compares scores made
+  by different transforms — a per-query change of scale or offset lowers it without
+  changing any query's ranking. Validation decides.
 * AdamW (weight decay 1e-2) with a cosine schedule. The paper's rate (1e-5 → 2e-7) is for
   millions of pairs; with thousands, qshift defaults to 3e-4 → 3e-6 (documented choice).
 * Held-out check (not in the paper, which trains on millions of pairs): ``val_fraction``
@@ -72,6 +76,7 @@ class QuARITrainConfig:
     n_neighbors: int = 100
     n_semi: int = 2
     hard_negatives: int = 0      # per target, nearest non-positives as extra columns (reconstruction)
+    column_loss: bool = True     # the − log q_ji half of Eq. 10 (off: query-side softmax only; reconstruction)
     val_fraction: float = 0.1
     seed: int = 0
 
@@ -152,10 +157,11 @@ def hard_negative_rows(targets: np.ndarray, n: int, groups: np.ndarray | None = 
 
 def quari_loss(model: QuARI, q: torch.Tensor, d: torch.Tensor, semi: torch.Tensor | None,
                alpha: torch.Tensor | None, tau: float, hard: torch.Tensor | None = None,
-               hard_mask: torch.Tensor | None = None) -> torch.Tensor:
+               hard_mask: torch.Tensor | None = None, column: bool = True) -> torch.Tensor:
     """Eq. 9–10 for one batch: q, d (B × E); semi (B·n_semi × E) with weights alpha (B × n_semi);
     ``hard``: extra negative columns (α = 0), ``hard_mask`` (B × len(hard)): True where a
-    hard column belongs to that row's own group (left out of its softmax)."""
+    hard column belongs to that row's own group (left out of its softmax). ``column=False``
+    drops the − log q_ii half (see :class:`QuARITrainConfig`)."""
     b = len(q)
     qp, u, v = model(q)
     cols = torch.cat([x for x in (d, semi, hard) if x is not None])
@@ -169,6 +175,8 @@ def quari_loss(model: QuARI, q: torch.Tensor, d: torch.Tensor, semi: torch.Tenso
         rows = torch.arange(b).repeat_interleave(n)
         target[rows, b + torch.arange(b * n)] = alpha.reshape(-1)      # α_ij = w_ij for semi-positives
     row = -(target * s.log_softmax(dim=1)).sum(1)                     # − Σ_j α_ij log p_ij
+    if not column:
+        return row.sum() / b
     col = -s[:, :b].log_softmax(dim=0).diagonal()                     # − log q_ii (over the batch's queries)
     return (row.sum() + col.sum()) / (2 * b)
 
@@ -313,7 +321,7 @@ def train_quari(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray,
                     hard = hard_t[cols]
                     own = tgt if groups is None else groups[tgt]
                     mask = torch.from_numpy(hard_g[cols][None, :] == own[:, None])
-                loss = quari_loss(model, q, dt[tgt], semi, alpha, cfg.temperature, hard, mask)
+                loss = quari_loss(model, q, dt[tgt], semi, alpha, cfg.temperature, hard, mask, cfg.column_loss)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
