@@ -13,6 +13,8 @@ ablations, and the latency of low-rank scoring, re-ranking and full search.
     .venv/bin/python bench/bench_quari.py ta-budget --testbed world-ilias-val --ta-epochs 10,60,250,1000,2000
     .venv/bin/python bench/bench_quari.py accuracy --testbed world-ilias --epochs 10 --ta-epochs 2000 \
         --variants "QuARI,TA + QuARI,w/o iterative generation,w/o semi-positives,w/o noise,TA + QuARI w/o noise"
+    .venv/bin/python bench/bench_quari.py accuracy --testbed world-ilias-val --train-instances 20000 --variants QuARI
+    .venv/bin/python bench/bench_quari.py ta-anatomy --testbed world-ilias-val --ta-epochs 2000
     .venv/bin/python bench/bench_quari.py latency
 
 Accuracy trains on the training split (world: train; world-pixel: the held-out pixel
@@ -26,8 +28,11 @@ search through FAISS (queries/s, recall of the exact QuARI top-k). ``--model`` o
 hypernetwork fields (e.g. how far q' and T may move from the backbone's query and the
 identity: ``query_residual``, ``anchor``) and ``--train`` training fields (e.g.
 ``hard_negatives``); both tag the run folder and the result key. ``--ta-epochs`` gives TA its
-own budget (a linear map needs far more steps than the hypernetwork, which over-fits a few
-thousand pairs within tens of epochs); it also sets the TA features of "TA + QuARI".
+own budget (a linear map needs far more steps than the hypernetwork, whose val score stops
+improving within tens of epochs); it also sets the TA features of "TA + QuARI".
+``--train-instances N`` trains World-ILIAS on ``world-ilias:train-iN`` (default 2,000
+instances). ``ta-anatomy`` asks what QuARI would have to express to match TA (TA is QuARI's
+score cos(q', T d) with q' = Wq, T = W): the parts, QuARI's λ-mix and rank-r truncations.
 """
 
 from __future__ import annotations
@@ -326,6 +331,52 @@ def bench_ta_budget(testbed: str, encoder: str | None, budgets: list[int], seed:
             "best_epochs": best["epochs"], "train_instances": train_instances}
 
 
+def bench_ta_anatomy(testbed: str, encoder: str | None, ta_epochs: int, seed: int = 0, batch: int = BATCH,
+                     ranks: tuple[int, ...] = (32, 64), lams: tuple[float, ...] = (0.1, 0.5, 0.9)) -> dict:
+    """What QuARI would have to express to match TA. QuARI scores cos(q', T d); TA is the
+    case q' = Wq, T = W for every query. Scores the parts (T = W with q' = q, q' = Wq with
+    T = I), QuARI's λ-mix q' = norm((1−λ)·Wq + λ·q) with T = W, and W − I truncated to
+    rank r (QuARI's T = I + UᵀV has rank-r U, V); with how far q' = Wq moves from q and the
+    size of W − I (the anchored form bounds ‖T − I‖_F by a)."""
+    from qshift.quari import train_ta
+    from qshift.quari.search import load_ta, save_ta
+    from qshift.retrieval import normalize_rows
+
+    enc, (q, t, tof, groups, _), task, desc = _testbed(testbed, encoder)
+    path = RUNS / f"ta-anatomy-{TRAIN_SET.get(testbed, testbed)}{encoder_tag(testbed, encoder)}-ta{ta_epochs}" / (
+        "ta.safetensors" if seed == 0 else f"ta-seed{seed}.safetensors")
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_ta(path, train_ta(q, t, tof, epochs=ta_epochs, batch_size=batch, lr=1e-3, seed=seed, groups=groups),
+                backbone=enc.fingerprint())
+    w = load_ta(path).astype(np.float32)
+    k_map = K_MAP.get(testbed, 10)
+    head = "R@1" if testbed not in K_MAP else f"mAP@{k_map}"
+    qs, gs = task.queries, task.gallery
+    wq, wg = normalize_rows(qs @ w.T), normalize_rows(gs @ w.T)
+    rows = []
+
+    def row(name: str, qp: np.ndarray, td: np.ndarray) -> None:
+        m = _metrics(qp @ td.T, task.qrels, k_map)
+        rows.append({"q'": name.split(" | ")[0], "T": name.split(" | ")[1], head: m[head], "R@1": m["R@1"]})
+
+    row("q | I (zero-shot)", qs, gs)
+    row("Wq | W (TA)", wq, wg)
+    row("q | W", qs, wg)
+    row("Wq | I", wq, gs)
+    for lam in lams:
+        row(f"norm((1−λ)·Wq + λ·q), λ {lam:g} | W", normalize_rows((1 - lam) * wq + lam * qs), wg)
+    u, sv, vt = np.linalg.svd(w - np.eye(len(w), dtype=np.float32))
+    for r in ranks:
+        wr = np.eye(len(w), dtype=np.float32) + (u[:, :r] * sv[:r]) @ vt[:r]
+        row(f"W_{r}q | W_{r} = I + rank-{r} part of W − I", normalize_rows(qs @ wr.T), normalize_rows(gs @ wr.T))
+    cos = (wq * qs).sum(1)
+    return {"testbed": desc, "metric": head, "ta_epochs": ta_epochs, "seed": seed, "rows": rows,
+            "cos_q_wq": {"mean": float(cos.mean()), "min": float(cos.min()), "max": float(cos.max())},
+            "w_minus_i": {"frobenius": float(np.sqrt((sv ** 2).sum())), "top_singular_values": sv[:5].tolist(),
+                          "energy_in_top_r": {str(r): float((sv[:r] ** 2).sum() / (sv ** 2).sum()) for r in ranks}}}
+
+
 def _full_search(enc, task, run_dir: Path, k: int = 100) -> dict:
     """Full search with seed 0's QuARI over the protocol's gallery through FAISS (exact MIPS
     and IVF; w = Tᵀq', over-fetch, exact re-scoring): queries/s and recall of the exact
@@ -541,6 +592,19 @@ def render_md(data: dict) -> str:
                "lr 1e-3; epochs 0 = zero-shot)", "",
                md_table(a["rows"], ["epochs", *cols, "train s"], {c: ".2f" for c in [*cols, "train s"]}), "",
                f"Best {head}: {a['best_epochs']} epochs.", ""]
+    for key in sorted(k for k in data if k.startswith("ta_anatomy_")):
+        a = data[key]
+        testbed, head = key[len("ta_anatomy_"):].split("@")[0], a["metric"]
+        c, w = a["cos_q_wq"], a["w_minus_i"]
+        md += [f"## What QuARI would have to express to match TA — {a['testbed']}", "",
+               f"`.venv/bin/python bench/bench_quari.py ta-anatomy --testbed {testbed} --ta-epochs {a['ta_epochs']}` "
+               f"(TA seed {a['seed']}). QuARI scores cos(q', T d); TA is q' = Wq, T = W for every query.", "",
+               md_table(a["rows"], ["q'", "T", head, "R@1"], {head: ".2f", "R@1": ".2f"}), "",
+               f"cos(q, Wq): mean {c['mean']:.2f}, min {c['min']:.2f}, max {c['max']:.2f} (QuARI's λ-mix with the "
+               f"unit head keeps cos(q', q) ≥ 2λ − 1). W − I: Frobenius norm {w['frobenius']:.1f}, top singular "
+               f"values {', '.join(f'{x:.1f}' for x in w['top_singular_values'])} (the anchored T = I + a·UᵀV/(‖U‖‖V‖) "
+               "keeps ‖T − I‖_F ≤ a); share of its energy in the top r: "
+               + ", ".join(f"r {r}: {e:.2f}" for r, e in w["energy_in_top_r"].items()) + ".", ""]
     if "latency" in data:
         lat = data["latency"]
         md += [f"## Latency (E={lat['E']}, r={lat['r']}, top-{lat['k']} re-rank, {lat['threads']} threads)", "",
@@ -604,7 +668,7 @@ def plot_protocols(data: dict, path: Path) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["accuracy", "ta-budget", "latency"])
+    ap.add_argument("what", choices=["accuracy", "ta-budget", "ta-anatomy", "latency"])
     ap.add_argument("--testbed", choices=list(ACCURACY), default="world")
     ap.add_argument("--encoder")
     ap.add_argument("--epochs", type=int, default=10)
@@ -641,6 +705,10 @@ def main() -> None:
         key = f"ta_budget_{args.testbed}" + instances_tag(args.train_instances) + encoder_tag(args.testbed, args.encoder)
         part = bench_ta_budget(args.testbed, args.encoder, budgets, int(args.seeds.split(",")[0]), args.batch,
                                args.train_instances)
+    elif args.what == "ta-anatomy":
+        key = f"ta_anatomy_{args.testbed}" + encoder_tag(args.testbed, args.encoder)
+        part = bench_ta_anatomy(args.testbed, args.encoder, int(args.ta_epochs or 2000), int(args.seeds.split(",")[0]),
+                                args.batch)
     else:
         key, part = "latency", bench_latency(n_gallery=args.gallery)
     data = previous_results("quari")  # read after the run: another part may have finished meanwhile
