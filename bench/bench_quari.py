@@ -79,8 +79,7 @@ def ablation_reference(name: str) -> str:
 
 # the cut-offs each protocol reports (ILIAS: mAP@1k; INQUIRE: mAP@50, nDCG@50); captions: @10
 K_MAP = {"world-ilias": 1000, "world-ilias-100k": 1000, "world-ilias-val": 1000, "world-ilias-train": 1000,
-         "world-inquire": 50,
-         "world-inquire-val": 50}
+         "world-inquire": 50, "world-inquire-val": 50}
 # training sets (and run folders) shared between testbeds; the -val testbeds pick the epochs
 TRAIN_SET = {"world-ilias-100k": "world-ilias", "world-ilias-val": "world-ilias", "world-ilias-train": "world-ilias",
              "world-inquire-val": "world-inquire"}
@@ -613,8 +612,8 @@ def render_md(data: dict) -> str:
                md_table(a["rows"], ["q'", "T", head, "R@1"], {head: ".2f", "R@1": ".2f"}), "",
                f"cos(q, Wq): mean {c['mean']:.2f}, min {c['min']:.2f}, max {c['max']:.2f} (QuARI's λ-mix with the "
                f"unit head keeps cos(q', q) ≥ 2λ − 1). W − I: Frobenius norm {w['frobenius']:.1f}, top singular "
-               f"values {', '.join(f'{x:.1f}' for x in w['top_singular_values'])} (the anchored T = I + a·UᵀV/(‖U‖‖V‖) "
-               "keeps ‖T − I‖_F ≤ a); share of its energy in the top r: "
+               f"values {', '.join(f'{x:.1f}' for x in w['top_singular_values'])} (the anchored "
+               "T = I + a·UᵀV/(‖U‖‖V‖) keeps ‖T − I‖_F ≤ a); share of its energy in the top r: "
                + ", ".join(f"r {r}: {e:.2f}" for r, e in w["energy_in_top_r"].items()) + ".", ""]
     if "latency" in data:
         lat = data["latency"]
@@ -704,7 +703,8 @@ def main() -> None:
         model, train = parse_model(args.model), parse_model(args.train, train=True)
         key = (f"accuracy_{args.testbed}"
                + (tag if args.testbed.endswith("-val") else ta_tag(args.epochs, ta_epochs))
-               + instances_tag(args.train_instances) + encoder_tag(args.testbed, args.encoder) + model_tag({**model, **train}))
+               + instances_tag(args.train_instances) + encoder_tag(args.testbed, args.encoder)
+               + model_tag({**model, **train}))
         part = bench_accuracy(args.testbed, args.encoder, args.epochs, seeds, args.lr, args.batch,
                               args.variants.split(",") if args.variants else None, model, train, ta_epochs,
                               args.train_instances)
@@ -713,7 +713,8 @@ def main() -> None:
             return
     elif args.what == "ta-budget":
         budgets = [int(x) for x in (args.ta_epochs or "10,60,250,1000,2000").split(",")]
-        key = f"ta_budget_{args.testbed}" + instances_tag(args.train_instances) + encoder_tag(args.testbed, args.encoder)
+        key = (f"ta_budget_{args.testbed}" + instances_tag(args.train_instances)
+               + encoder_tag(args.testbed, args.encoder))
         part = bench_ta_budget(args.testbed, args.encoder, budgets, int(args.seeds.split(",")[0]), args.batch,
                                args.train_instances)
     elif args.what == "ta-anatomy":
