@@ -94,11 +94,14 @@ def _metrics(scores: np.ndarray, qrels, k_map: int = 10) -> dict[str, float]:
     return retrieval_metrics(top, qrels, ks=(1, 5, 10), k_map=k_map, full_ranks=first_positive_rank(scores, qrels))
 
 
-def _protocol_testbed(name: str, encoder: str | None, store, train_instances: int | None = None):
+def _protocol_testbed(name: str, encoder: str | None, store, train_instances: int | None = None,
+                      captions: bool = False):
     """World-ILIAS (i2i) or World-INQUIRE (t2i): train split's pairs (World-ILIAS: of
-    ``train_instances`` instances, default 2,000), test split's task."""
+    ``train_instances`` instances, default 2,000; World-INQUIRE with ``captions``: the world's
+    train split of caption–image pairs instead of the train templates' queries, as the paper
+    trains on generic caption data), test split's task."""
     from qshift.encoders import create_encoder
-    from qshift.quari.data import protocol_negatives, protocol_pairs
+    from qshift.quari.data import protocol_negatives, protocol_pairs, training_pairs
     from qshift.retrieval import build_task
     from qshift.world.protocols import protocol_collection
 
@@ -111,22 +114,33 @@ def _protocol_testbed(name: str, encoder: str | None, store, train_instances: in
                  "world-inquire-val": "world-inquire:val"}[name]
     if train_instances and kind != "ilias":
         raise SystemExit("--train-instances: world-ilias testbeds only")
-    train = protocol_collection(f"world-{kind}:train" + (f"-i{train_instances}" if train_instances else ""),
-                                progress=True)
-    pairs = (*protocol_pairs(train, enc, store), protocol_negatives(train, enc, store))
+    if captions and kind != "inquire":
+        raise SystemExit("--train-set captions: world-inquire testbeds only")
+    if captions:
+        from qshift.data.collection import load_collection
+        from qshift.world import world_collection
+
+        train = load_collection(world_collection("train"))
+        pairs = (*training_pairs(train, enc, "t2i", store), None, None)
+    else:
+        train = protocol_collection(f"world-{kind}:train" + (f"-i{train_instances}" if train_instances else ""),
+                                    progress=True)
+        pairs = (*protocol_pairs(train, enc, store), protocol_negatives(train, enc, store))
     test = protocol_collection(test_spec, progress=True)
     task = build_task(test, enc, direction, store)
-    what = (f"{len({i for i in train.meta['protocol']['instance'] if i >= 0})} instances"
+    what = ("caption–image pairs, no template query" if captions else
+            f"{len({i for i in train.meta['protocol']['instance'] if i >= 0})} instances"
             if kind == "ilias" else f"{len(train.meta['protocol']['queries'])} queries of templates "
             f"{', '.join(train.meta['protocol']['templates'])}")
+    source = "world:train" if captions else f"world-{kind}:train"
     test_what = ("" if kind == "ilias" else
                  f", templates {', '.join(test.meta['protocol']['templates'])}")
-    desc = (f"{enc.spec}: train on world-{kind}:train ({what}; {len(pairs[0])} pairs), test on {test_spec} "
+    desc = (f"{enc.spec}: train on {source} ({what}; {len(pairs[0])} pairs), test on {test_spec} "
             f"({len(task.queries)} queries × {len(task.gallery)} gallery{test_what}, {direction.upper()})")
     return enc, pairs, task, desc
 
 
-def _testbed(name: str, encoder: str | None, train_instances: int | None = None):
+def _testbed(name: str, encoder: str | None, train_instances: int | None = None, captions: bool = False):
     """(encoder, train pairs, test task, description)."""
     from qshift.data.collection import load_collection
     from qshift.encoders import create_encoder
@@ -137,9 +151,9 @@ def _testbed(name: str, encoder: str | None, train_instances: int | None = None)
 
     store = EmbeddingStore(cache_dir() / "store")
     if name in K_MAP:
-        return _protocol_testbed(name, encoder, store, train_instances)
-    if train_instances:
-        raise SystemExit("--train-instances: world-ilias testbeds only")
+        return _protocol_testbed(name, encoder, store, train_instances, captions)
+    if train_instances or captions:
+        raise SystemExit("--train-instances / --train-set: protocol testbeds only")
     if name.startswith("world"):
         from qshift.world import world_collection
 
@@ -256,9 +270,10 @@ def budget_tag(epochs: int, lr: float = LR, batch: int = BATCH, ta_epochs: int |
             + ta_tag(epochs, ta_epochs))
 
 
-def instances_tag(train_instances: int | None) -> str:
-    """-i20000 when World-ILIAS trains on another number of instances than its 2,000."""
-    return f"-i{train_instances}" if train_instances else ""
+def instances_tag(train_instances: int | None, captions: bool = False) -> str:
+    """-i20000 when World-ILIAS trains on another number of instances than its 2,000; -capt
+    when World-INQUIRE trains on the world's caption pairs."""
+    return (f"-i{train_instances}" if train_instances else "") + ("-capt" if captions else "")
 
 
 def ta_tag(epochs: int, ta_epochs: int | None) -> str:
@@ -269,13 +284,13 @@ def ta_tag(epochs: int, ta_epochs: int | None) -> str:
 def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[int], lr: float = LR,
                    batch: int = BATCH, variants: list[str] | None = None, model: dict | None = None,
                    train: dict | None = None, ta_epochs: int | None = None,
-                   train_instances: int | None = None) -> dict:
+                   train_instances: int | None = None, captions: bool = False) -> dict:
     """Every method (or ``variants`` of QuARI only) over ``seeds`` training seeds: mean metrics,
     and the headline metric per seed with the ablations' paired differences to full QuARI
     (the seed spread decides what is a gap)."""
-    enc, pairs, task, desc = _testbed(testbed, encoder, train_instances)
+    enc, pairs, task, desc = _testbed(testbed, encoder, train_instances, captions)
     run_dir = RUNS / (f"quari-{TRAIN_SET.get(testbed, testbed)}{encoder_tag(testbed, encoder)}"
-                      + instances_tag(train_instances))
+                      + instances_tag(train_instances, captions))
     if testbed in K_MAP:                    # one folder per budget (the val testbeds compare them)
         run_dir = run_dir.with_name(run_dir.name + budget_tag(epochs, lr, batch, ta_epochs)
                                     + model_tag({**(model or {}), **(train or {})}))
@@ -297,7 +312,7 @@ def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[i
              if "w/o" in k and k in per and ablation_reference(k) in per}
     out = {"testbed": desc, "model": {**MODEL, **(model or {})}, "model_overrides": model or {},
            "train_overrides": train or {}, "epochs": epochs, "ta_epochs": ta_epochs or epochs, "lr": lr,
-           "train_instances": train_instances,
+           "train_instances": train_instances, "train_set": "captions" if captions else "protocol",
            "batch_size": batch, "seeds": seeds,
            "metric": head, "rows": rows, "per_seed": per, "sd": {k: sd(v) for k, v in per.items()},
            "train_seconds": per_seed[0][1],
@@ -541,7 +556,7 @@ ACCURACY = ("world", "world-pixel", "coco", "world-ilias-val", "world-ilias", "w
 
 def render_md(data: dict) -> str:
     md = ["# QuARI (issues 7, 21)", ""]
-    testbed_of = lambda k: re.sub(r"(-e\d+(-lr[^-]+)?(-b\d+)?)?(-ta\d+)?(-i\d+)?$", "",  # noqa: E731
+    testbed_of = lambda k: re.sub(r"(-e\d+(-lr[^-]+)?(-b\d+)?)?(-ta\d+)?(-i\d+)?(-capt)?$", "",  # noqa: E731
                                   k[len("accuracy_"):].split("@")[0].split("~")[0])
     keys = sorted((k for k in data if k.startswith("accuracy_")), key=lambda k: (ACCURACY.index(testbed_of(k)), k))
     for key in keys:
@@ -560,6 +575,7 @@ def render_md(data: dict) -> str:
                + (f" --batch {a['batch_size']}" if a.get("batch_size", BATCH) != BATCH else "")
                + (f" --ta-epochs {a['ta_epochs']}" if a.get("ta_epochs", a["epochs"]) != a["epochs"] else "")
                + (f" --train-instances {a['train_instances']}" if a.get("train_instances") else "")
+               + (" --train-set captions" if a.get("train_set") == "captions" else "")
                + (f" --variants \"{','.join(m for m in ALL_VARIANTS if m in a['rows'])}\""
                   if set(VARIANTS) ^ (set(a["rows"]) & set(ALL_VARIANTS)) else "")
                + f"` (hypernetwork {dict(sorted(a['model'].items()))}, batch {a.get('batch_size')}, "
@@ -695,6 +711,9 @@ def main() -> None:
     ap.add_argument("--gallery", type=int, default=1_000_000)
     ap.add_argument("--train-instances", type=int,
                     help="World-ILIAS training instances (default 2,000; world-ilias:train-iN, a superset)")
+    ap.add_argument("--train-set", choices=["protocol", "captions"], default="protocol",
+                    help="World-INQUIRE: train on the train templates' queries (protocol) or on the world's "
+                         "caption-image pairs (captions, as the paper trains on generic caption data)")
     args = ap.parse_args()
     if args.what == "accuracy":
         seeds = [int(x) for x in args.seeds.split(",")]
@@ -703,11 +722,11 @@ def main() -> None:
         model, train = parse_model(args.model), parse_model(args.train, train=True)
         key = (f"accuracy_{args.testbed}"
                + (tag if args.testbed.endswith("-val") else ta_tag(args.epochs, ta_epochs))
-               + instances_tag(args.train_instances) + encoder_tag(args.testbed, args.encoder)
-               + model_tag({**model, **train}))
+               + instances_tag(args.train_instances, args.train_set == "captions")
+               + encoder_tag(args.testbed, args.encoder) + model_tag({**model, **train}))
         part = bench_accuracy(args.testbed, args.encoder, args.epochs, seeds, args.lr, args.batch,
                               args.variants.split(",") if args.variants else None, model, train, ta_epochs,
-                              args.train_instances)
+                              args.train_instances, args.train_set == "captions")
         if args.no_write:
             print(json.dumps(part["per_seed"], indent=1))
             return
