@@ -85,6 +85,28 @@ TRAIN_SET = {"world-ilias-100k": "world-ilias", "world-ilias-val": "world-ilias"
              "world-inquire-val": "world-inquire"}
 
 
+def _headline(testbed: str) -> tuple[int, str]:
+    """(k of mAP@k, the headline metric): R@1 for caption retrieval (one positive), mAP@k for
+    the protocols."""
+    k_map = K_MAP.get(testbed, 10)
+    return k_map, "R@1" if testbed not in K_MAP else f"mAP@{k_map}"
+
+
+def _train_ta_file(path: Path, enc, q: np.ndarray, t: np.ndarray, tof: np.ndarray, groups: np.ndarray | None,
+                   epochs: int, batch: int, seed: int) -> float:
+    """Train the TA map (lr 1e-3) and save it at ``path`` for the pipeline's ``ta`` stage;
+    returns the training seconds."""
+    from qshift.quari import train_ta
+    from qshift.quari.search import save_ta
+
+    t0 = time.perf_counter()
+    p = train_ta(q, t, tof, epochs=epochs, batch_size=batch, lr=1e-3, seed=seed, groups=groups)
+    seconds = time.perf_counter() - t0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_ta(path, p, backbone=enc.fingerprint())
+    return seconds
+
+
 def _metrics(scores: np.ndarray, qrels, k_map: int = 10) -> dict[str, float]:
     from qshift.metrics import first_positive_rank, retrieval_metrics
 
@@ -123,8 +145,7 @@ def _protocol_testbed(name: str, encoder: str | None, store, train_instances: in
         train = load_collection(world_collection("train"))
         pairs = (*training_pairs(train, enc, "t2i", store), None, None)
     else:
-        train = protocol_collection(f"world-{kind}:train" + (f"-i{train_instances}" if train_instances else ""),
-                                    progress=True)
+        train = protocol_collection(f"world-{kind}:train{instances_tag(train_instances)}", progress=True)
         pairs = (*protocol_pairs(train, enc, store), protocol_negatives(train, enc, store))
     test = protocol_collection(test_spec, progress=True)
     task = build_task(test, enc, direction, store)
@@ -196,18 +217,16 @@ def _accuracy_one_seed(enc, pairs, task, run_dir: Path, epochs: int, seed: int, 
                        ta_epochs: int | None = None) -> tuple[dict, dict]:
     """Metrics of every method for one training seed (checkpoints cached per seed); TA (and
     the TA features of "TA + QuARI") trains for ``ta_epochs`` (default: ``epochs``)."""
-    from qshift.quari import QuARIConfig, QuARITrainConfig, train_quari, train_ta
-    from qshift.quari.search import load_ta, save_ta
+    from qshift.quari import QuARIConfig, QuARITrainConfig, train_quari
+    from qshift.quari.search import load_ta
 
     (q, t, tof, groups, pool), positive = pairs, task.qrels
     tail = "" if seed == 0 else f"-seed{seed}"
     rows = {"zero-shot": _metrics(_pipeline_scores(enc, task, "zero-shot"), positive, k_map)}
     ta_path = run_dir / f"ta{tail}.safetensors"
     if not ta_path.is_file():
-        t0 = time.perf_counter()
-        p = train_ta(q, t, tof, epochs=ta_epochs or epochs, batch_size=batch, lr=1e-3, seed=seed, groups=groups)
-        save_ta(ta_path, p, backbone=enc.fingerprint())
-        write_json(ta_path.with_suffix(".json"), {"train_seconds": time.perf_counter() - t0})
+        seconds = _train_ta_file(ta_path, enc, q, t, tof, groups, ta_epochs or epochs, batch, seed)
+        write_json(ta_path.with_suffix(".json"), {"train_seconds": seconds})
     timing = ta_path.with_suffix(".json")
     train_seconds = {"TA": read_json(timing)["train_seconds"] if timing.is_file() else float("nan")}
     p = load_ta(ta_path)
@@ -295,7 +314,7 @@ def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[i
         run_dir = run_dir.with_name(run_dir.name + budget_tag(epochs, lr, batch, ta_epochs)
                                     + model_tag({**(model or {}), **(train or {})}))
     run_dir.mkdir(parents=True, exist_ok=True)
-    k_map = K_MAP.get(testbed, 10)
+    k_map, head = _headline(testbed)
     if variants is not None and set(variants) - set(ALL_VARIANTS):
         raise SystemExit(f"unknown variants {sorted(set(variants) - set(ALL_VARIANTS))}; known: {list(ALL_VARIANTS)}")
     variants = None if variants is None else ["QuARI", *[v for v in variants if v != "QuARI"]]  # the reference
@@ -305,8 +324,6 @@ def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[i
     names = list(per_seed[0][0])
     rows = {k: {m: float(np.mean([r[k][m] for r, _ in per_seed])) for m in per_seed[0][0][k]} for k in names}
     sd = lambda x: float(np.std(x, ddof=1)) if len(x) > 1 else 0.0  # noqa: E731
-    # the headline metric: R@1 for caption retrieval (one positive), mAP@k for the protocols
-    head = "R@1" if testbed not in K_MAP else f"mAP@{k_map}"
     per = {k: [r[k][head] for r, _ in per_seed] for k in names}
     diffs = {k: np.subtract(per[k], per[ablation_reference(k)]) for k in ALL_VARIANTS
              if "w/o" in k and k in per and ablation_reference(k) in per}
@@ -330,22 +347,14 @@ def bench_ta_budget(testbed: str, encoder: str | None, budgets: list[int], seed:
                     batch: int = BATCH, train_instances: int | None = None) -> dict:
     """TA alone at several epoch budgets (a val testbed picks TA's own budget: the linear map
     is cheap and keeps improving long after the hypernetwork stops)."""
-    from qshift.quari import train_ta
-    from qshift.quari.search import save_ta
-
     enc, (q, t, tof, groups, _), task, desc = _testbed(testbed, encoder, train_instances)
-    k_map = K_MAP.get(testbed, 10)
-    head = "R@1" if testbed not in K_MAP else f"mAP@{k_map}"
+    k_map, head = _headline(testbed)
     rows = [{"epochs": 0, **_metrics(_pipeline_scores(enc, task, "zero-shot"), task.qrels, k_map), "train s": 0.0}]
     run_dir = RUNS / (f"ta-budget-{TRAIN_SET.get(testbed, testbed)}{encoder_tag(testbed, encoder)}"
                       + instances_tag(train_instances))
-    run_dir.mkdir(parents=True, exist_ok=True)
     for epochs in budgets:                 # scored through the pipeline's ta stage, as the accuracy rows
-        t0 = time.perf_counter()
-        p = train_ta(q, t, tof, epochs=epochs, batch_size=batch, lr=1e-3, seed=seed, groups=groups)
-        seconds = time.perf_counter() - t0
         path = run_dir / f"ta-e{epochs}-b{batch}-seed{seed}.safetensors"
-        save_ta(path, p, backbone=enc.fingerprint())
+        seconds = _train_ta_file(path, enc, q, t, tof, groups, epochs, batch, seed)
         scores = _pipeline_scores(enc, task, {"name": "ta", "checkpoint": str(path)})
         rows.append({"epochs": epochs, **_metrics(scores, task.qrels, k_map), "train s": seconds})
     best = max(rows[1:], key=lambda r: r[head])
@@ -360,20 +369,16 @@ def bench_ta_anatomy(testbed: str, encoder: str | None, ta_epochs: int, seed: in
     T = I), QuARI's λ-mix q' = norm((1−λ)·Wq + λ·q) with T = W, and W − I truncated to
     rank r (QuARI's T = I + UᵀV has rank-r U, V); with how far q' = Wq moves from q and the
     size of W − I (the anchored form bounds ‖T − I‖_F by a)."""
-    from qshift.quari import train_ta
-    from qshift.quari.search import load_ta, save_ta
+    from qshift.quari.search import load_ta
     from qshift.retrieval import normalize_rows
 
     enc, (q, t, tof, groups, _), task, desc = _testbed(testbed, encoder)
     path = RUNS / f"ta-anatomy-{TRAIN_SET.get(testbed, testbed)}{encoder_tag(testbed, encoder)}-ta{ta_epochs}" / (
         "ta.safetensors" if seed == 0 else f"ta-seed{seed}.safetensors")
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_ta(path, train_ta(q, t, tof, epochs=ta_epochs, batch_size=batch, lr=1e-3, seed=seed, groups=groups),
-                backbone=enc.fingerprint())
+        _train_ta_file(path, enc, q, t, tof, groups, ta_epochs, batch, seed)
     w = load_ta(path).astype(np.float32)
-    k_map = K_MAP.get(testbed, 10)
-    head = "R@1" if testbed not in K_MAP else f"mAP@{k_map}"
+    k_map, head = _headline(testbed)
     qs, gs = task.queries, task.gallery
     wq, wg = normalize_rows(qs @ w.T), normalize_rows(gs @ w.T)
     rows = []
@@ -715,6 +720,10 @@ def main() -> None:
                     help="World-INQUIRE: train on the train templates' queries (protocol) or on the world's "
                          "caption-image pairs (captions, as the paper trains on generic caption data)")
     args = ap.parse_args()
+    if args.train_set != "protocol" and args.what != "accuracy":
+        raise SystemExit(f"--train-set captions: accuracy only, not {args.what}")
+    if args.train_instances and args.what not in ("accuracy", "ta-budget"):
+        raise SystemExit(f"--train-instances: accuracy and ta-budget only, not {args.what}")
     if args.what == "accuracy":
         seeds = [int(x) for x in args.seeds.split(",")]
         ta_epochs = int(args.ta_epochs) if args.ta_epochs else None
