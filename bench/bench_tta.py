@@ -124,21 +124,25 @@ def ceiling(means: dict[str, float], vs_zs: dict[str, dict]) -> dict | None:
 
 
 def bench_forgetting(encoder: str, max_queries: int, methods: list[str | dict], collection: str = "world:test",
-                     source: object = "auto") -> dict:
+                     source: object = "auto", direction: str = "t2i", shifts: list[str] | None = None,
+                     min_similarity: float | None = None) -> dict:
     """Adapt (continual mode) along the mixed text stream, then score the clean queries.
-    A method is a name or a config mapping (``name``, ``label``, options); ``collection``
-    and ``source`` as a config's (a val config measures forgetting on the val split)."""
+    A method is a name or a config mapping (``name``, ``label``, options); ``collection``,
+    ``source``, ``direction`` (a text-query one: t2i or t2t), ``shifts`` (default: every
+    text corruption) and ``min_similarity`` as a config's (a val config measures
+    forgetting on the val split)."""
     from qshift.benchmark import BenchConfig, Grid
     from qshift.paths import cache_dir
     from qshift.store import EmbeddingStore
 
-    cfg = BenchConfig(name="tta-forgetting", encoder=encoder, collection=collection, direction="t2i",
-                      shifts=["text"], severities=[], streams=["mixed"], max_queries=max_queries, source=source)
+    cfg = BenchConfig(name="tta-forgetting", encoder=encoder, collection=collection, direction=direction,
+                      shifts=[s for s in (shifts or ["text"]) if s != "clean"], severities=[], streams=["mixed"],
+                      max_queries=max_queries, source=source, min_similarity=min_similarity)
     grid = Grid(cfg, Path("runs/bench/tta-forgetting"), EmbeddingStore(cache_dir() / "store"), progress=False)
     items = grid._stream("mixed", 0)
     raw, _, _ = grid._stream_queries(items, 0)
     clean = grid.raw_queries
-    labels = grid.qrels.indices  # one positive per T2I query
+    labels = grid.qrels.indices  # one positive per text query (t2i: its image; t2t: its item)
     zs = float(((grid.clean_queries @ grid.gallery.T).argmax(1) == labels).mean() * 100)
     stream_lab = np.array([labels[it.query] for it in items])
     zs_stream = (grid._stream_embeddings(items, 0) @ grid.gallery.T).argmax(1) == stream_lab
@@ -147,7 +151,7 @@ def bench_forgetting(encoder: str, max_queries: int, methods: list[str | dict], 
 
     for spec in methods:
         m = spec if isinstance(spec, str) else (spec.get("label") or spec["name"])
-        ctx = PipelineContext(grid.encoder, "t2i", gallery=grid.gallery, source_texts=grid.source_texts)
+        ctx = PipelineContext(grid.encoder, direction, gallery=grid.gallery, source_texts=grid.source_texts)
         with Pipeline.from_method(spec, ctx) as pipe:
             stream_scores = pipe.score(raw)
             ad = next(s for s in pipe.stages if s.kind == "adapt").adapter
@@ -318,7 +322,8 @@ def main() -> None:
         cfg = load_config(args.config)
         part = bench_forgetting(cfg.encoder, args.max_queries, [  # not the ceiling rows: they need the labels
             m for m in cfg.methods if m != "zero-shot" and not (isinstance(m, dict) and m.get("labels"))],
-            collection=cfg.collection, source=cfg.source)
+            collection=cfg.collection, source=cfg.source, direction=cfg.direction, shifts=cfg.shifts,
+            min_similarity=cfg.min_similarity)
         key = f"forgetting:{Path(args.config).stem}"
     elif args.what == "forgetting":
         part = bench_forgetting(args.encoder, args.max_queries, ["tent", "eata", "sar", "tcr", "rest"])

@@ -193,3 +193,25 @@ def test_the_oracle_row_is_given_the_labels_and_no_one_else(tmp_path):
     with pytest.raises(InputError, match="labels: true"):
         run_benchmark(replace(cfg, methods=[{"name": "oracle", "lr": 0.01}]), tmp_path / "r2",
                       EmbeddingStore(tmp_path / "st"), progress=False)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "bench" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_bench_config_loads(path):
+    """A config a script writes (bench/tune_grid.py) or a person edits fails here, not an
+    hour into its run: each loads through the loader that runs it, and every method given
+    as a pipeline parses as one."""
+    from qshift.continual.protocol import ContinualConfig
+    from qshift.pipeline import parse_pipeline
+
+    if path.stem.startswith("serve-"):
+        assert parse_pipeline(path)
+        return
+    if path.stem.startswith("continual-"):
+        assert ContinualConfig.load(path).methods
+        return
+    cfg = load_config(path)
+    assert cfg.methods
+    for m in cfg.methods:
+        if isinstance(m, dict) and "pipeline" in m:
+            parse_pipeline(m["pipeline"], f"{path.name}: {m.get('label')}")
