@@ -215,3 +215,20 @@ def test_every_shipped_bench_config_loads(path):
     for m in cfg.methods:
         if isinstance(m, dict) and "pipeline" in m:
             parse_pipeline(m["pipeline"], f"{path.name}: {m.get('label')}")
+
+
+def test_a_stream_cell_reports_clean_r1_after_the_stream(tmp_path, minilm):
+    """Forgetting per stream cell: the clean queries scored by the tower as the stream left
+    it. Zero-shot's equals the clean cell's R@1; an adapting method's has moved (an update
+    that changed nothing would leave it equal)."""
+    cfg = BenchConfig(name="coco200-forget", encoder="st:all-MiniLM-L6-v2", collection=COCO200, direction="t2t",
+                      shifts=["clean", "char_swap"], severities=[], streams=["mixed"], seeds=[0],
+                      methods=["zero-shot", {"label": "tent hot", "pipeline": [{"adapt": {"method": "tent",
+                                                                                        "lr": 0.05}}]}])
+    out = run_benchmark(cfg, tmp_path / "res", EmbeddingStore(tmp_path / "store"), progress=False)
+    cells = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
+    by = {(c["method"], c["shift"]): c for c in cells}
+    clean = by[("zero-shot", "clean")]["metrics"]["R@1"]
+    assert by[("zero-shot", "stream:mixed")]["clean_r1_after"] == pytest.approx(clean)
+    assert "clean_r1_after" not in by[("zero-shot", "clean")]  # only a stream leaves a tower behind
+    assert by[("tent hot", "stream:mixed")]["clean_r1_after"] != pytest.approx(clean)

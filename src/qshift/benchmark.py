@@ -29,7 +29,7 @@ from qshift.data.streams import CLEAN, mixed_stream, source_share_stream
 from qshift.errors import InputError
 from qshift.io import read_config_file, read_json, stable_hash, write_json, write_text
 from qshift.directions import DIRECTIONS, query_modality
-from qshift.metrics import Qrels, retrieval_metrics, top_k_and_ranks
+from qshift.metrics import Qrels, first_positive_rank, retrieval_metrics, top_k_and_ranks
 from qshift.methods import method_label, method_stages
 from qshift.progress import progress_bar
 
@@ -363,7 +363,8 @@ class Grid:
         t0 = time.perf_counter()
         with Pipeline.from_method(self.cell_method(cell), ctx) as pipe:
             scores = pipe.score(raw, order, embeddings=encode())
-        seconds = time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            clean_after = self._clean_r1_after(pipe) if stream_items is not None else None
         if not np.isfinite(scores).all():
             raise RuntimeError(f"method {cell['method']} returned non-finite scores in cell {cell}")
         k = min(max(max(cfg.ks), cfg.k_map), scores.shape[1])
@@ -383,7 +384,17 @@ class Grid:
                 mask = np.array([it.shift == s for it in stream_items])
                 per[s] = float((ranks[mask] == 0).mean() * 100)
             result["per_shift_r1"] = per
+            result["clean_r1_after"] = clean_after
         return result
+
+    def _clean_r1_after(self, pipe: Any, chunk: int = 256) -> float:
+        """R@1 of every clean query embedded by the query tower as the stream left it (the
+        frozen tower where no stage adapts): zero-shot clean R@1 minus this is forgetting."""
+        ad = next((s.adapter for s in pipe.stages if s.kind == "adapt"), None)
+        q = self.clean_queries if ad is None else np.concatenate(
+            [ad.embed(self.raw_queries[i:i + chunk], self.clean_queries[i:i + chunk])
+             for i in range(0, len(self.raw_queries), chunk)])
+        return float((first_positive_rank(q @ self.gallery.T, self.qrels) == 0).mean() * 100)
 
     def _stream(self, kind: str, seed: int) -> list:
         n = len(self.raw_queries)

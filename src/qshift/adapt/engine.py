@@ -424,10 +424,14 @@ class Adapter:
         q0 = None if frozen is None else torch.from_numpy(np.ascontiguousarray(frozen, dtype=np.float32))
         return self.step(self.prepare(queries, index), q0).cpu().numpy().astype(np.float32)
 
-    def embed(self, queries: Sequence[Any]) -> np.ndarray:
-        """Embeddings of ``queries`` by the tower as adapted so far (no step taken)."""
+    def embed(self, queries: Sequence[Any], frozen: np.ndarray | None = None) -> np.ndarray:
+        """Embeddings of ``queries`` by the tower as adapted so far (no step taken). With
+        ``frozen`` (the frozen model's embeddings of the same queries) the frozen gate, if
+        any, applies as it does along the stream."""
         with torch.no_grad():
             q = self.forward(self.encoder.prepare(list(queries), self.modality))
+            if frozen is not None:
+                q = self.gate(q, torch.from_numpy(np.ascontiguousarray(frozen, dtype=np.float32)))
         return q.cpu().numpy().astype(np.float32)
 
     def reset(self) -> None:
