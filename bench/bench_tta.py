@@ -231,7 +231,8 @@ def render_md(data: dict) -> str:
             rows = [{"method": m, **{c[:10]: v.get(c, float('nan')) for c in corrs},
                      "mean": g.get("mean_r1", {}).get(m, float("nan")), "clean": v.get("clean", float("nan"))}
                     for m, v in g["r1"].items()]
-            cols = ["method", *[c[:10] for c in corrs], "mean", "clean"]
+            cols = ["method", *[c[:10] for c in corrs], "mean", *(["clean"] if any("clean" in v for v in g["r1"].values())
+                                                                else [])]
             src = f"; each type's R@1 over its queries in `{g['per_type_from']}`" if g.get("per_type_from") else ""
             md += [f"R@1 at severity {g.get('severity', 5)} (columns: corruption types{src})", "",
                    md_table(rows, cols, {c: ".1f" for c in cols[1:]}), ""]
