@@ -326,7 +326,7 @@ def write_tuned_long() -> None:
 
 
 # -- COCO T2T at full length (issue 17), sized for 2 CPU cores --------------------------------
-# Test adapts along one continual pass over all 5,000 COCO 5k-test captions (78 batches),
+# Test adapts along one continual pass over all 5,000 COCO 5k-test captions (79 batches),
 # each under one of the six character-level corruptions at severity 5; R@1 per type is read
 # off the stream. Val scores each setting the same way over all of COCO 5k-dev (1,000 items,
 # so 1,000 queries: the longest stream dev allows; the old grid used 500 per type) — the types that
@@ -384,7 +384,7 @@ def write_coco_tuned() -> list[Path]:
     """The test config: each family's val pick and the ceiling (TCR's pick trained on the
     true positives), on val's protocol at test's full length: one continual pass over all
     5,000 COCO 5k-test captions, each under one of the six character-level corruptions
-    (≈ 830 per type; the per-type cells of 2,000 queries each would take 6× longer). Two part files
+    (≈ 830 per type; per-type cells of 2,000 queries each would be 2.4× the queries). Two part files
     split its methods for two processes; they share its name and out folder, so the whole
     config afterwards resumes every cell they ran and reports them as one grid."""
     best = coco_long_picks()
