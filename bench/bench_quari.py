@@ -370,6 +370,7 @@ def bench_ta_anatomy(testbed: str, encoder: str | None, ta_epochs: int, seed: in
     rank r (QuARI's T = I + UᵀV has rank-r U, V); with how far q' = Wq moves from q and the
     size of W − I (the anchored form bounds ‖T − I‖_F by a)."""
     from qshift.quari.search import load_ta
+    from qshift.quari.train import project
     from qshift.retrieval import normalize_rows
 
     enc, (q, t, tof, groups, _), task, desc = _testbed(testbed, encoder)
@@ -380,7 +381,7 @@ def bench_ta_anatomy(testbed: str, encoder: str | None, ta_epochs: int, seed: in
     w = load_ta(path).astype(np.float32)
     k_map, head = _headline(testbed)
     qs, gs = task.queries, task.gallery
-    wq, wg = normalize_rows(qs @ w.T), normalize_rows(gs @ w.T)
+    wq, wg = project(qs, w), project(gs, w)
     rows = []
 
     def row(name: str, qp: np.ndarray, td: np.ndarray) -> None:
@@ -396,7 +397,7 @@ def bench_ta_anatomy(testbed: str, encoder: str | None, ta_epochs: int, seed: in
     u, sv, vt = np.linalg.svd(w - np.eye(len(w), dtype=np.float32))
     for r in ranks:
         wr = np.eye(len(w), dtype=np.float32) + (u[:, :r] * sv[:r]) @ vt[:r]
-        row(f"W_{r}q | W_{r} = I + rank-{r} part of W − I", normalize_rows(qs @ wr.T), normalize_rows(gs @ wr.T))
+        row(f"W_{r}q | W_{r} = I + rank-{r} part of W − I", project(qs, wr), project(gs, wr))
     cos = (wq * qs).sum(1)
     return {"testbed": desc, "metric": head, "ta_epochs": ta_epochs, "seed": seed, "rows": rows,
             "cos_q_wq": {"mean": float(cos.mean()), "min": float(cos.min()), "max": float(cos.max())},

@@ -148,7 +148,6 @@ def bench_forgetting(encoder: str, max_queries: int, methods: list[str | dict], 
     grid = Grid(cfg, Path("runs/bench/tta-forgetting"), EmbeddingStore(cache_dir() / "store"), progress=False)
     items = grid._stream("mixed", 0)
     raw, _, _ = grid._stream_queries(items, 0)
-    clean = grid.raw_queries
     labels = grid.qrels.indices  # one positive per text query (t2i: its image; t2t: its item)
     zs = float(((grid.clean_queries @ grid.gallery.T).argmax(1) == labels).mean() * 100)
     stream_lab = np.array([labels[it.query] for it in items])
@@ -161,11 +160,9 @@ def bench_forgetting(encoder: str, max_queries: int, methods: list[str | dict], 
         ctx = PipelineContext(grid.encoder, direction, gallery=grid.gallery, source_texts=grid.source_texts)
         with Pipeline.from_method(spec, ctx) as pipe:
             stream_scores = pipe.score(raw)
-            ad = next(s for s in pipe.stages if s.kind == "adapt").adapter
-            clean_scores = np.concatenate([ad.embed(clean[i:i + 256], grid.clean_queries[i:i + 256])
-                                           for i in range(0, len(clean), 256)]) @ grid.gallery.T
-            resets = ad.stats["resets"]
-        out[m] = {"clean_r1_after": float((clean_scores.argmax(1) == labels).mean() * 100),
+            clean_after = grid.clean_r1_after(pipe)
+            resets = next(s for s in pipe.stages if s.kind == "adapt").adapter.stats["resets"]
+        out[m] = {"clean_r1_after": clean_after,
                   "stream_r1": float((stream_scores.argmax(1) == stream_lab).mean() * 100),
                   "resets": resets}
         out[m]["forgetting"] = zs - out[m]["clean_r1_after"]
@@ -231,8 +228,8 @@ def render_md(data: dict) -> str:
             rows = [{"method": m, **{c[:10]: v.get(c, float('nan')) for c in corrs},
                      "mean": g.get("mean_r1", {}).get(m, float("nan")), "clean": v.get("clean", float("nan"))}
                     for m, v in g["r1"].items()]
-            cols = ["method", *[c[:10] for c in corrs], "mean", *(["clean"] if any("clean" in v for v in g["r1"].values())
-                                                                else [])]
+            has_clean = any("clean" in v for v in g["r1"].values())
+            cols = ["method", *[c[:10] for c in corrs], "mean", *(["clean"] if has_clean else [])]
             src = f"; each type's R@1 over its queries in `{g['per_type_from']}`" if g.get("per_type_from") else ""
             md += [f"R@1 at severity {g.get('severity', 5)} (columns: corruption types{src})", "",
                    md_table(rows, cols, {c: ".1f" for c in cols[1:]}), ""]

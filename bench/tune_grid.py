@@ -388,11 +388,13 @@ def write_coco_tuned() -> list[Path]:
     split its methods for two processes; they share its name and out folder, so the whole
     config afterwards resumes every cell they ran and reports them as one grid."""
     best = coco_long_picks()
-    methods: list = ["zero-shot"] + [{"label": f"{f}-val-tuned", "pipeline": best[f]["stages"]}
-                                     for f in COCO_FAMILIES if f in best]
-    if "tcr" in best:
-        methods.append({"label": "oracle (test labels: a ceiling)", "labels": True,
-                        "pipeline": [{"adapt": {**best["tcr"]["stages"][0]["adapt"], "method": "oracle"}}]})
+    rows = [{"label": f"{f}-val-tuned", "pipeline": best[f]["stages"]} for f in COCO_FAMILIES if f in best]
+    oracle = [] if "tcr" not in best else [  # part b runs it
+        {"label": "oracle (test labels: a ceiling)", "labels": True,
+         "pipeline": [{"adapt": {**best["tcr"]["stages"][0]["adapt"], "method": "oracle"}}]}]
+    methods = ["zero-shot", *rows, *oracle]
+    parts = {part: ["zero-shot"] * (part == "a") + [r for r in rows if r["label"].removesuffix("-val-tuned") in fams]
+             + oracle * (part == "b") for part, fams in COCO_PARTS.items()}
     name = "tta-coco-t2t-tuned-long"
     cfg = {"name": name, **COCO, "collection": "shared:coco-5k-test/captions.txt", "shifts": COCO_CHAR,
            "severities": [], "streams": ["mixed"], "methods": methods, "out": f"runs/bench/{name}"}
@@ -400,9 +402,7 @@ def write_coco_tuned() -> list[Path]:
               "# (tta-coco-t2t-tune-long-a/-b): every method with its best setting there, once on test{part}\n")
     paths = [CONFIGS / f"{name}.yaml"]
     paths[0].write_text(header.format(part="") + _dump(cfg))
-    for part, fams in COCO_PARTS.items():
-        mine = [m for m in methods if (m == "zero-shot" and part == "a") or (isinstance(m, dict) and (
-            m["label"].split("-val-tuned")[0] in fams or (m.get("labels") and part == "b")))]
+    for part, mine in parts.items():
         paths.append(CONFIGS / f"{name}-{part}.yaml")
         paths[-1].write_text(header.format(part=f" (part {part}; `{name}.yaml` then reports both)")
                              + _dump({**cfg, "methods": mine}))

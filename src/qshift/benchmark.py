@@ -364,7 +364,7 @@ class Grid:
         with Pipeline.from_method(self.cell_method(cell), ctx) as pipe:
             scores = pipe.score(raw, order, embeddings=encode())
             seconds = time.perf_counter() - t0
-            clean_after = self._clean_r1_after(pipe) if stream_items is not None else None
+            clean_after = self.clean_r1_after(pipe) if stream_items is not None else None
         if not np.isfinite(scores).all():
             raise RuntimeError(f"method {cell['method']} returned non-finite scores in cell {cell}")
         k = min(max(max(cfg.ks), cfg.k_map), scores.shape[1])
@@ -387,7 +387,7 @@ class Grid:
             result["clean_r1_after"] = clean_after
         return result
 
-    def _clean_r1_after(self, pipe: Any, chunk: int = 256) -> float:
+    def clean_r1_after(self, pipe: Any, chunk: int = 256) -> float:
         """R@1 of every clean query embedded by the query tower as the stream left it (the
         frozen tower where no stage adapts): zero-shot clean R@1 minus this is forgetting."""
         ad = next((s.adapter for s in pipe.stages if s.kind == "adapt"), None)
