@@ -68,7 +68,7 @@ def test_select_params_modes(clip):
                                      ({"steps": 1000}, "steps"), ({"batch_size": 0}, "batch_size"),
                                      ({"candidates": "all"}, "candidates"), ({"temperature": 0}, "temperature"),
                                      ({"rank_with": "before"}, "rank_with"), ({"frozen_gate": 1.5}, "frozen_gate"),
-                                     ({"gate_confidence": "entropy"}, "gate_confidence"),
+                                     ({"gate_confidence": "median"}, "gate_confidence"),
                                      ({"gate_samples": 0}, "gate_samples")])
 def test_config_ranges(kw, msg):
     with pytest.raises(InputError, match=msg):
@@ -362,7 +362,7 @@ def test_the_oracle_runs_only_with_labels(clip):
         _pipeline(clip, _gallery(clip), "oracle")
 
 
-@pytest.mark.parametrize("kind", ["margin", "top1"])
+@pytest.mark.parametrize("kind", ["margin", "top1", "entropy"])
 def test_frozen_gate_keeps_confident_queries_frozen(clip, kind):
     """Rows whose frozen confidence reaches the source quantile rank with the frozen
     embedding exactly; the others with the adapted one, as without the gate (the gate
@@ -384,6 +384,20 @@ def test_frozen_gate_keeps_confident_queries_frozen(clip, kind):
     assert not np.allclose(q_plain[keep], frozen[keep], atol=1e-4)  # adaptation moved them …
     assert np.allclose(q_gated[keep], frozen[keep], atol=1e-6)       # … the gate gives the frozen ones back
     assert np.allclose(q_gated[~keep], q_plain[~keep], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["margin", "top1", "entropy"])
+def test_frozen_gate_and_fusion_measure_confidence_alike(clip, kind):
+    """One measure of retrieval confidence: the gate's is the fusion stage's at the
+    encoder's trained temperature (qshift.confidence)."""
+    from qshift.refine import confidence
+
+    g = _gallery(clip)
+    ad = create_adapter(clip, g, "t2i", "tent", gate_confidence=kind)
+    e = ad.embed(TEXTS)
+    trained = ad.cfg.temperature / ad.cfg.temperature_scale
+    assert np.allclose(ad.gate_confidence(torch.from_numpy(e)).numpy(), confidence(e, g, kind, trained), atol=1e-6)
+    ad.close()
 
 
 def test_frozen_gate_quantile_and_source(clip):

@@ -43,7 +43,8 @@ the adapted queries falls under ``collapse_ratio`` × the spread of the frozen o
 query the *frozen* model already retrieves confidently keeps the frozen embedding; the
 rest get the adapted one. Confident means ``gate_confidence`` (``margin``: top-1 minus
 top-2 cosine over the gallery; ``top1``: top-1 softmax probability at the encoder's
-trained temperature) of the frozen embedding ≥ the ``frozen_gate`` quantile of the same
+trained temperature; ``entropy``: one minus the normalised entropy — the same measures
+as the fusion stage's, :mod:`qshift.confidence`) of the frozen embedding ≥ the ``frozen_gate`` quantile of the same
 confidence over the source texts (clean, disjoint from the test queries; at most
 ``gate_samples`` of them). Why: adaptation along a shifted stream moves the tower for every
 query, and the queries the frozen model handles well — clean ones, mild shifts — lose most
@@ -72,6 +73,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from qshift.confidence import CONFIDENCES, score_confidence
 from qshift.directions import check_direction, query_modality
 from qshift.errors import InputError, StoreMismatchError
 from qshift.adapt.params import TowerFlags, select_params
@@ -80,7 +82,7 @@ from qshift.registry import Registry
 CANDIDATES = ("auto", "batch-nn", "topk", "gallery")
 NORM_STATS = ("running", "batch", "blend")
 RANK_WITH = ("updated", "last-step")
-GATE_CONFIDENCES = ("margin", "top1")
+GATE_CONFIDENCES = CONFIDENCES  # the fusion stage's measures (qshift.confidence)
 # the trained temperature assumed for encoders that have none (sentence-transformers), so
 # that the default τ (2 ×) is 0.05
 UNTRAINED_TEMPERATURE = 0.025
@@ -106,7 +108,7 @@ class AdaptConfig:
     reset_on_collapse: bool = True
     collapse_ratio: float = 0.25
     frozen_gate: float | None = None  # quantile of the source texts' frozen confidence; None: off
-    gate_confidence: str = "margin"   # margin | top1
+    gate_confidence: str = "margin"   # margin | top1 | entropy (qshift.confidence)
     gate_samples: int = 1024
     seed: int = 0
 
@@ -309,16 +311,11 @@ class Adapter:
 
     # -- the frozen gate -----------------------------------------------------------------
     def gate_confidence(self, q: torch.Tensor) -> torch.Tensor:
-        """Per-row retrieval confidence of embeddings ``q`` over the gallery (``gate_confidence``)."""
+        """Per-row retrieval confidence of embeddings ``q`` over the gallery (``gate_confidence``;
+        :func:`qshift.confidence.score_confidence`, the fusion stage's measure too)."""
         with torch.no_grad():
-            sims = q.float().to(self.device) @ self.gallery.T
-            if self.cfg.gate_confidence == "margin":
-                if sims.shape[1] < 2:
-                    return torch.ones(len(q), device=sims.device)
-                top = sims.topk(2, dim=1).values
-                return top[:, 0] - top[:, 1]
             trained = self.cfg.temperature / self.cfg.temperature_scale
-            return torch.softmax(sims / trained, dim=1).max(dim=1).values
+            return score_confidence(q.float().to(self.device) @ self.gallery.T, self.cfg.gate_confidence, trained)
 
     def _gate_limit(self) -> float | None:
         """The ``frozen_gate`` quantile of the frozen model's confidence on the source texts."""

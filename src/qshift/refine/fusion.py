@@ -40,28 +40,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qshift.confidence import CONFIDENCES, confidence
 from qshift.errors import InputError
 
-CONFIDENCES = ("top1", "margin", "entropy")
 GATES = ("none", "gain")
-
-
-def confidence(emb: np.ndarray, gallery: np.ndarray, kind: str = "top1", temperature: float = 0.05) -> np.ndarray:
-    """Per-row retrieval confidence in [0, 1] of embeddings against the gallery."""
-    sims = np.asarray(emb, dtype=np.float32) @ gallery.T
-    if kind == "margin":
-        top2 = -np.partition(-sims, 1, axis=1)[:, :2]
-        return np.clip(top2[:, 0] - top2[:, 1], 0.0, 1.0)
-    z = sims / temperature
-    z = z - z.max(1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(1, keepdims=True)
-    if kind == "top1":
-        return p.max(1)
-    if kind == "entropy":
-        h = -(p * np.log(np.clip(p, 1e-30, None))).sum(1)
-        return 1.0 - h / np.log(sims.shape[1]) if sims.shape[1] > 1 else np.ones(len(p))
-    raise InputError(f"fusion: confidence must be one of {', '.join(CONFIDENCES)}, got {kind!r}")
 
 
 def repair_weight(c_orig: np.ndarray, c_rep: np.ndarray, beta: float = 1.0, w_max: float = 1.0,
