@@ -18,6 +18,7 @@ batch.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -132,41 +133,29 @@ def ceiling(means: dict[str, float], vs_zs: dict[str, dict]) -> dict | None:
 
 def bench_forgetting(encoder: str, max_queries: int, methods: list[str | dict], collection: str = "world:test",
                      source: object = "auto", direction: str = "t2i", shifts: list[str] | None = None,
-                     min_similarity: float | None = None) -> dict:
-    """Adapt (continual mode) along the mixed text stream, then score the clean queries.
-    A method is a name or a config mapping (``name``, ``label``, options); ``collection``,
-    ``source``, ``direction`` (a text-query one: t2i or t2t), ``shifts`` (default: every
-    text corruption) and ``min_similarity`` as a config's (a val config measures
-    forgetting on the val split)."""
-    from qshift.benchmark import BenchConfig, Grid
-    from qshift.paths import cache_dir
-    from qshift.store import EmbeddingStore
+                     min_similarity: float | None = None, out: Path = Path("runs/bench/tta-forgetting")) -> dict:
+    """Adapt (continual mode) along the mixed text stream, then score the clean queries:
+    each method's ``stream:mixed`` cell of a benchmark grid (:func:`qshift.benchmark.run_benchmark`,
+    so cells resume from ``out``; a cell records ``clean_r1_after``). A method is a name or a
+    config mapping (``name``, ``label``, options); ``collection``, ``source``, ``direction``
+    (a text-query one: t2i or t2t), ``shifts`` (default: every text corruption) and
+    ``min_similarity`` as a config's (a val config measures forgetting on the val split)."""
+    from qshift.benchmark import BenchConfig, run_benchmark
 
     cfg = BenchConfig(name="tta-forgetting", encoder=encoder, collection=collection, direction=direction,
                       shifts=[s for s in (shifts or ["text"]) if s != "clean"], severities=[], streams=["mixed"],
-                      max_queries=max_queries, source=source, min_similarity=min_similarity)
-    grid = Grid(cfg, Path("runs/bench/tta-forgetting"), EmbeddingStore(cache_dir() / "store"), progress=False)
-    items = grid._stream("mixed", 0)
-    raw, _, _ = grid._stream_queries(items, 0)
-    labels = grid.qrels.indices  # one positive per text query (t2i: its image; t2t: its item)
-    zs = float(((grid.clean_queries @ grid.gallery.T).argmax(1) == labels).mean() * 100)
-    stream_lab = np.array([labels[it.query] for it in items])
-    zs_stream = (grid._stream_embeddings(items, 0) @ grid.gallery.T).argmax(1) == stream_lab
-    out = {"zero-shot": {"clean_r1_after": zs, "stream_r1": float(zs_stream.mean() * 100)}}
-    from qshift.pipeline import Pipeline, PipelineContext
-
-    for spec in methods:
-        m = spec if isinstance(spec, str) else (spec.get("label") or spec["name"])
-        ctx = PipelineContext(grid.encoder, direction, gallery=grid.gallery, source_texts=grid.source_texts)
-        with Pipeline.from_method(spec, ctx) as pipe:
-            stream_scores = pipe.score(raw)
-            clean_after = grid.clean_r1_after(pipe)
-            resets = next(s for s in pipe.stages if s.kind == "adapt").adapter.stats["resets"]
-        out[m] = {"clean_r1_after": clean_after,
-                  "stream_r1": float((stream_scores.argmax(1) == stream_lab).mean() * 100),
-                  "resets": resets}
-        out[m]["forgetting"] = zs - out[m]["clean_r1_after"]
-    return out
+                      methods=["zero-shot", *methods], max_queries=max_queries, source=source,
+                      min_similarity=min_similarity)
+    cells = {r["method"]: r for r in map(json.loads, (run_benchmark(cfg, out, progress=False) / "cells.jsonl")
+                                          .read_text().splitlines())}
+    zs = cells["zero-shot"]["clean_r1_after"]  # nothing adapts: the clean queries' zero-shot R@1
+    result = {}
+    for m, r in cells.items():
+        result[m] = {"clean_r1_after": r["clean_r1_after"], "stream_r1": r["metrics"]["R@1"]}
+        if m != "zero-shot":
+            result[m]["resets"] = r["stage_info"].get("adapt", {}).get("resets", 0)
+            result[m]["forgetting"] = zs - r["clean_r1_after"]
+    return result
 
 
 def bench_cost(encoder: str, reps: int = 5) -> dict:
@@ -326,7 +315,7 @@ def main() -> None:
         part = bench_forgetting(cfg.encoder, args.max_queries, [  # not the ceiling rows: they need the labels
             m for m in cfg.methods if m != "zero-shot" and not (isinstance(m, dict) and m.get("labels"))],
             collection=cfg.collection, source=cfg.source, direction=cfg.direction, shifts=cfg.shifts,
-            min_similarity=cfg.min_similarity)
+            min_similarity=cfg.min_similarity, out=Path(f"runs/bench/tta-forgetting-{Path(args.config).stem}"))
         key = f"forgetting:{Path(args.config).stem}"
     elif args.what == "forgetting":
         part = bench_forgetting(args.encoder, args.max_queries, ["tent", "eata", "sar", "tcr", "rest"])
