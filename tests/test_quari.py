@@ -103,6 +103,35 @@ def test_identity_init_starts_at_the_backbone_and_learns(tmp_path):
             QuARIConfig(dim=16, identity_init=True, **bad)
 
 
+@pytest.mark.parametrize("anchor", [0.8, None])
+def test_tied_query_takes_the_query_through_its_own_transform(anchor):
+    """tied_query with λ = 1: q' = normalise(T q) for the T the model predicts (with λ < 1 the
+    head is mixed in); untied, q' does not depend on T."""
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
+    kw = dict(dim=16, rank=4, hidden=32, layers=1, heads=2, steps=2, anchor=anchor)
+    model = QuARI(QuARIConfig(**kw, tied_query=True, query_residual=1.0)).eval()
+    with torch.no_grad():
+        qp, u, v = model(q)
+    t = materialize(u, v, anchor)
+    assert torch.allclose(qp, torch.nn.functional.normalize(torch.einsum("bef,bf->be", t, q), dim=-1), atol=1e-5)
+    untied = QuARI(QuARIConfig(**kw, query_residual=1.0)).eval()
+    with torch.no_grad():
+        assert torch.allclose(untied(q)[0], q, atol=1e-6)
+
+
+def test_learning_rate_warms_up_then_follows_the_cosine():
+    from qshift.quari.train import learning_rate
+
+    plain, warm = QuARITrainConfig(lr=1e-3, lr_min=1e-5), QuARITrainConfig(lr=1e-3, lr_min=1e-5, warmup_steps=10)
+    assert learning_rate(plain, 0, 100) == pytest.approx(1e-3) and learning_rate(plain, 100, 100) == pytest.approx(1e-5)
+    assert learning_rate(warm, 0, 100) == pytest.approx(learning_rate(plain, 0, 100) / 10)
+    assert learning_rate(warm, 4, 100) == pytest.approx(learning_rate(plain, 4, 100) / 2)
+    assert all(learning_rate(warm, s, 100) == learning_rate(plain, s, 100) for s in range(9, 100))
+    with pytest.raises(InputError, match="warmup_steps"):
+        QuARITrainConfig(warmup_steps=-1)
+
+
 def test_semi_positives_exclude_self_and_weights():
     rng = np.random.default_rng(1)
     t = _unit(rng, 50, 8)

@@ -53,6 +53,8 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
                                                "with λ 0.9)."),
           identity_init: bool = typer.Option(False, help="Start at T = I and q' = q (U and q' decoders "
                                              "zero-initialised, U and V not normalised; reconstruction)."),
+          tied_query: bool = typer.Option(False, help="q' mixes T q instead of q: the query goes through its own "
+                                          "transform, as TA maps both sides (reconstruction)."),
           ta: Optional[Path] = typer.Option(None, help="Train on features projected by this TA map (TA + QuARI)."),
           val_fraction: float = typer.Option(0.1, help="Share of targets held out (≤ 1,000) to pick the best epoch."),
           seed: int = typer.Option(0),
@@ -68,7 +70,8 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
                                             not as_json, negatives=hard_negatives > 0)
     mcfg = QuARIConfig(dim=q.shape[1], rank=rank, hidden=hidden, layers=layers, heads=heads, steps=steps,
                        one_step=one_step, anchor=anchor or None, query_residual=query_residual,
-                       unit_query_head=unit_query_head, identity_init=identity_init)
+                       unit_query_head=unit_query_head, identity_init=identity_init,
+                       tied_query=tied_query)
     tcfg = QuARITrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, noise=noise,
                             semi_positives=semi_positives, hard_negatives=hard_negatives, column_loss=column_loss,
                             val_fraction=val_fraction, seed=seed)

@@ -33,6 +33,13 @@ of at the backbone's ranking), and make the difference switchable:
   ranking — and the size of the low-rank change is learned (weight decay pulls it back
   to the identity). With the code's normalisation ‖a·UᵀV/(‖U‖‖V‖)‖_F ≤ a whatever the
   data says, and the start is a random rank-r perturbation of a.
+* ``tied_query`` (reconstruction, off by default): the λ-mix takes the query *through its
+  own transform*, q' = normalise((1 − λ)·MLP(control) + λ·T q), instead of q. Why: static
+  task adaptation (TA), the query-independent special case QuARI should contain, maps
+  query and gallery with one matrix (q' = Wq, T = W); with an untied q' the head must learn
+  W's action on the query separately, and on World-ILIAS it did not within our budget (a
+  static rank-32 map I + AᵀB trained like TA reaches 54.8 mAP@1k on val in 300 epochs from
+  zero-shot's 47.9, untied QuARI stays at 47). Tied, a constant U, V already is TA.
 * The control token is updated residually like the U/V tokens; U/V tokens are dropped
   at random (``token_dropout``, 5 %, as in the code) while training.
 
@@ -64,6 +71,7 @@ class QuARIConfig:
     token_dropout: float = 0.05  # training only
     unit_query_head: bool = False  # normalise MLP(control) before the λ-mix (reconstruction)
     identity_init: bool = False    # start at T = I, q' = q; U, V not normalised (reconstruction)
+    tied_query: bool = False       # q' mixes T q instead of q (reconstruction)
 
     def __post_init__(self) -> None:
         for name in ("dim", "rank", "hidden", "layers", "heads", "steps"):
@@ -148,5 +156,9 @@ class QuARI(nn.Module):
         head = self.decode_q(self.norm(ctrl))
         if self.cfg.unit_query_head:
             head = torch.nn.functional.normalize(head, dim=-1)
-        qp = torch.nn.functional.normalize((1 - lam) * head + lam * q, dim=-1)
+        base = q
+        if self.cfg.tied_query:                                    # T q = a·Uᵀ(V q) (+ q with the anchor)
+            tq = torch.einsum("bre,br->be", u, torch.einsum("bre,be->br", v, q))
+            base = tq if self.cfg.anchor is None else q + self.cfg.anchor * tq
+        qp = torch.nn.functional.normalize((1 - lam) * head + lam * base, dim=-1)
         return qp, u, v

@@ -28,7 +28,9 @@
   half. Each row is scored through its own T_i, so a column's softmax compares scores made
   by different transforms — a per-query change of scale or offset lowers it without
   changing any query's ranking. Validation decides.
-* AdamW (weight decay 1e-2) with a cosine schedule. The paper's rate (1e-5 → 2e-7) is for
+* AdamW (weight decay 1e-2) with a cosine schedule, after ``warmup_steps`` of linear
+  warm-up (reconstruction, 0 by default: the paper names no warm-up; a transformer trained
+  at qshift's larger rate for hundreds of epochs may need one). The paper's rate (1e-5 → 2e-7) is for
   millions of pairs; with thousands, qshift defaults to 3e-4 → 3e-6 (documented choice).
 * Held-out check (not in the paper, which trains on millions of pairs): ``val_fraction``
   of the targets (of the groups, when given; at most 1,000) and their queries are kept out
@@ -77,6 +79,7 @@ class QuARITrainConfig:
     n_semi: int = 2
     hard_negatives: int = 0      # per target, nearest non-positives as extra columns (reconstruction)
     column_loss: bool = True     # the − log q_ji half of Eq. 10 (off: query-side softmax only; reconstruction)
+    warmup_steps: int = 0        # linear warm-up before the cosine schedule (reconstruction)
     val_fraction: float = 0.1
     seed: int = 0
 
@@ -88,6 +91,8 @@ class QuARITrainConfig:
             raise InputError(f"quari train: lr must be in (0, 1), got {self.lr}")
         if self.hard_negatives < 0:
             raise InputError(f"quari train: hard_negatives must be >= 0, got {self.hard_negatives}")
+        if self.warmup_steps < 0:
+            raise InputError(f"quari train: warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.val_fraction <= 0.5:
             raise InputError(f"quari train: val_fraction must be in [0, 0.5], got {self.val_fraction}")
 
@@ -179,6 +184,13 @@ def quari_loss(model: QuARI, q: torch.Tensor, d: torch.Tensor, semi: torch.Tenso
         return row.sum() / b
     col = -s[:, :b].log_softmax(dim=0).diagonal()                     # − log q_ii (over the batch's queries)
     return (row.sum() + col.sum()) / (2 * b)
+
+
+def learning_rate(cfg: QuARITrainConfig, step: int, total: int) -> float:
+    """Cosine annealing from ``lr`` to ``lr_min`` over ``total`` steps, scaled by a linear
+    warm-up over the first ``warmup_steps``."""
+    cosine = cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * step / max(1, total)))
+    return cosine * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cosine
 
 
 VAL_MAX_TARGETS, VAL_MAX_QUERIES = 1000, 2000
@@ -313,8 +325,8 @@ def train_quari(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray,
                 if sp_idx is not None:
                     semi = dt[sp_idx[tgt].reshape(-1)]
                     alpha = torch.from_numpy(sp_w[tgt])
-                for g in opt.param_groups:                                  # cosine schedule
-                    g["lr"] = cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * step / max(1, total)))
+                for g in opt.param_groups:                                  # warm-up, then cosine schedule
+                    g["lr"] = learning_rate(cfg, step, total)
                 hard = mask = None
                 if hn_idx is not None:                    # another row's own group is not its negative
                     cols = hn_idx[tgt].reshape(-1)
