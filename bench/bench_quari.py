@@ -11,6 +11,7 @@ ablations, and the latency of low-rank scoring, re-ranking and full search.
     .venv/bin/python bench/bench_quari.py accuracy --testbed world-ilias-val --train hard_negatives=8
     .venv/bin/python bench/bench_quari.py accuracy --testbed world-ilias-val --epochs 10 --ta-epochs 2000
     .venv/bin/python bench/bench_quari.py ta-budget --testbed world-ilias-val --ta-epochs 10,60,250,1000,2000
+    .venv/bin/python bench/bench_quari.py ta-budget --testbed world-ilias-val --ta-epochs 25,100,300,1000 --ta-rank 32
     .venv/bin/python bench/bench_quari.py accuracy --testbed world-ilias --epochs 10 --ta-epochs 2000 \
         --variants "QuARI,TA + QuARI,w/o iterative generation,w/o semi-positives,w/o noise,TA + QuARI w/o noise"
     .venv/bin/python bench/bench_quari.py accuracy --testbed world-ilias-val --train-instances 20000 --variants QuARI
@@ -93,14 +94,14 @@ def _headline(testbed: str) -> tuple[int, str]:
 
 
 def _train_ta_file(path: Path, enc, q: np.ndarray, t: np.ndarray, tof: np.ndarray, groups: np.ndarray | None,
-                   epochs: int, batch: int, seed: int) -> float:
+                   epochs: int, batch: int, seed: int, rank: int | None = None) -> float:
     """Train the TA map (lr 1e-3) and save it at ``path`` for the pipeline's ``ta`` stage;
     returns the training seconds."""
     from qshift.quari import train_ta
     from qshift.quari.search import save_ta
 
     t0 = time.perf_counter()
-    p = train_ta(q, t, tof, epochs=epochs, batch_size=batch, lr=1e-3, seed=seed, groups=groups)
+    p = train_ta(q, t, tof, epochs=epochs, batch_size=batch, lr=1e-3, seed=seed, groups=groups, rank=rank)
     seconds = time.perf_counter() - t0
     path.parent.mkdir(parents=True, exist_ok=True)
     save_ta(path, p, backbone=enc.fingerprint())
@@ -344,22 +345,23 @@ def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[i
 
 
 def bench_ta_budget(testbed: str, encoder: str | None, budgets: list[int], seed: int = 0,
-                    batch: int = BATCH, train_instances: int | None = None) -> dict:
+                    batch: int = BATCH, train_instances: int | None = None, rank: int | None = None) -> dict:
     """TA alone at several epoch budgets (a val testbed picks TA's own budget: the linear map
-    is cheap and keeps improving long after the hypernetwork stops)."""
+    is cheap and keeps improving long after the hypernetwork stops); ``rank``: TA restricted
+    to P = I + AᵀB of that rank — the static map of QuARI's own form."""
     enc, (q, t, tof, groups, _), task, desc = _testbed(testbed, encoder, train_instances)
     k_map, head = _headline(testbed)
     rows = [{"epochs": 0, **_metrics(_pipeline_scores(enc, task, "zero-shot"), task.qrels, k_map), "train s": 0.0}]
     run_dir = RUNS / (f"ta-budget-{TRAIN_SET.get(testbed, testbed)}{encoder_tag(testbed, encoder)}"
                       + instances_tag(train_instances))
     for epochs in budgets:                 # scored through the pipeline's ta stage, as the accuracy rows
-        path = run_dir / f"ta-e{epochs}-b{batch}-seed{seed}.safetensors"
-        seconds = _train_ta_file(path, enc, q, t, tof, groups, epochs, batch, seed)
+        path = run_dir / f"ta-e{epochs}-b{batch}{'' if rank is None else f'-r{rank}'}-seed{seed}.safetensors"
+        seconds = _train_ta_file(path, enc, q, t, tof, groups, epochs, batch, seed, rank)
         scores = _pipeline_scores(enc, task, {"name": "ta", "checkpoint": str(path)})
         rows.append({"epochs": epochs, **_metrics(scores, task.qrels, k_map), "train s": seconds})
     best = max(rows[1:], key=lambda r: r[head])
     return {"testbed": desc, "metric": head, "seed": seed, "batch_size": batch, "rows": rows,
-            "best_epochs": best["epochs"], "train_instances": train_instances}
+            "best_epochs": best["epochs"], "train_instances": train_instances, "rank": rank}
 
 
 def bench_ta_anatomy(testbed: str, encoder: str | None, ta_epochs: int, seed: int = 0, batch: int = BATCH,
@@ -613,13 +615,15 @@ def render_md(data: dict) -> str:
                              if c not in ("index", "nprobe", "overfetch")}), ""]
     for key in sorted(k for k in data if k.startswith("ta_budget_")):
         a = data[key]
-        testbed, head = re.sub(r"-i\d+$", "", key[len("ta_budget_"):].split("@")[0]), a["metric"]
+        testbed, head = re.sub(r"(-r\d+)?(-i\d+)?$", "", key[len("ta_budget_"):].split("@")[0]), a["metric"]
         k = K_MAP.get(testbed, 10)
         cols = [f"mAP@{k}", "R@1", "R@10"] if testbed in K_MAP else ["R@1", "R@10"]
-        md += [f"## TA's epoch budget — {a['testbed']}", "",
+        low = f" --ta-rank {a['rank']}" if a.get("rank") else ""
+        form = f" (rank {a['rank']}: P = I + AᵀB)" if a.get("rank") else ""
+        md += [f"## TA's epoch budget{form} — {a['testbed']}", "",
                f"`.venv/bin/python bench/bench_quari.py ta-budget --testbed {testbed} --ta-epochs "
                f"{','.join(str(r['epochs']) for r in a['rows'][1:])}"
-               + (f" --train-instances {a['train_instances']}" if a.get("train_instances") else "")
+               + (f" --train-instances {a['train_instances']}" if a.get("train_instances") else "") + low
                + f"` (seed {a['seed']}, batch {a['batch_size']}, "
                "lr 1e-3; epochs 0 = zero-shot)", "",
                md_table(a["rows"], ["epochs", *cols, "train s"], {c: ".2f" for c in [*cols, "train s"]}), "",
@@ -715,6 +719,7 @@ def main() -> None:
     ap.add_argument("--model", help="hypernetwork overrides, e.g. query_residual=0.9,anchor=0.2 (QuARIConfig fields)")
     ap.add_argument("--train", help="training overrides, e.g. hard_negatives=8 (QuARITrainConfig fields)")
     ap.add_argument("--gallery", type=int, default=1_000_000)
+    ap.add_argument("--ta-rank", type=int, help="ta-budget: TA restricted to P = I + AᵀB of this rank")
     ap.add_argument("--train-instances", type=int,
                     help="World-ILIAS training instances (default 2,000; world-ilias:train-iN, a superset)")
     ap.add_argument("--train-set", choices=["protocol", "captions"], default="protocol",
@@ -723,6 +728,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.train_set != "protocol" and args.what != "accuracy":
         raise SystemExit(f"--train-set captions: accuracy only, not {args.what}")
+    if args.ta_rank and args.what != "ta-budget":
+        raise SystemExit(f"--ta-rank: ta-budget only, not {args.what}")
     if args.train_instances and args.what not in ("accuracy", "ta-budget"):
         raise SystemExit(f"--train-instances: accuracy and ta-budget only, not {args.what}")
     if args.what == "accuracy":
@@ -742,10 +749,10 @@ def main() -> None:
             return
     elif args.what == "ta-budget":
         budgets = [int(x) for x in (args.ta_epochs or "10,60,250,1000,2000").split(",")]
-        key = (f"ta_budget_{args.testbed}" + instances_tag(args.train_instances)
-               + encoder_tag(args.testbed, args.encoder))
+        key = (f"ta_budget_{args.testbed}" + (f"-r{args.ta_rank}" if args.ta_rank else "")
+               + instances_tag(args.train_instances) + encoder_tag(args.testbed, args.encoder))
         part = bench_ta_budget(args.testbed, args.encoder, budgets, int(args.seeds.split(",")[0]), args.batch,
-                               args.train_instances)
+                               args.train_instances, args.ta_rank)
     elif args.what == "ta-anatomy":
         key = f"ta_anatomy_{args.testbed}" + encoder_tag(args.testbed, args.encoder)
         part = bench_ta_anatomy(args.testbed, args.encoder, int(args.ta_epochs or 2000), int(args.seeds.split(",")[0]),

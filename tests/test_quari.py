@@ -325,6 +325,13 @@ def test_ta_baseline_and_methods(tmp_path):
     pt = t @ p.T
     ta = ((pq / np.linalg.norm(pq, axis=1, keepdims=True)) @ (pt / np.linalg.norm(pt, axis=1, keepdims=True)).T)
     assert (ta.argmax(1) == np.arange(200)).mean() > zs + 0.2  # dropping the nuisance dimensions helps
+    low = train_ta(q, t, tof, epochs=40, batch_size=50, lr=1e-2, rank=4)       # P = I + AᵀB, rank 4
+    assert np.linalg.matrix_rank(low - np.eye(16), tol=1e-4) == 4
+    lq, lt = q[::2] @ low.T, t @ low.T
+    lo = (lq / np.linalg.norm(lq, axis=1, keepdims=True)) @ (lt / np.linalg.norm(lt, axis=1, keepdims=True)).T
+    assert (lo.argmax(1) == np.arange(200)).mean() > zs + 0.1
+    with pytest.raises(InputError, match="rank must be in"):
+        train_ta(q, t, tof, rank=17)
     save_ta(tmp_path / "ta.safetensors", p)
     from qshift.pipeline import create_stage
 

@@ -407,14 +407,23 @@ def load_quari(path: str | Path, expect_backbone: str | None = None) -> tuple[Qu
 
 def train_ta(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray, epochs: int = 10,
              batch_size: int = 320, lr: float = 1e-3, temperature: float = 0.07, seed: int = 0,
-             progress: bool = False, groups: np.ndarray | None = None) -> np.ndarray:
+             progress: bool = False, groups: np.ndarray | None = None, rank: int | None = None) -> np.ndarray:
     """The static task-adaptation baseline: one linear map P for queries and gallery
-    (batches as QuARI's: one target per group)."""
+    (batches as QuARI's: one target per group). ``rank`` r: P = I + AᵀB with A, B ∈ R^{r×E}
+    (A zero at the start, so P = I), the static map of the form QuARI's T = I + UᵀV takes."""
     check_pairs(queries, targets, target_of, groups)
     torch.manual_seed(seed)
     e = queries.shape[1]
-    p = torch.nn.Parameter(torch.eye(e))
-    opt = torch.optim.AdamW([p], lr=lr, weight_decay=0.0)
+    if rank is not None and not 1 <= rank <= e:
+        raise InputError(f"quari ta: rank must be in [1, {e}], got {rank}")
+    if rank is None:
+        full = torch.nn.Parameter(torch.eye(e))
+        params, weight = [full], lambda: full  # noqa: E731
+    else:
+        left = torch.nn.Parameter(torch.zeros(rank, e))
+        right = torch.nn.Parameter(torch.randn(rank, e) / math.sqrt(e))
+        params, weight = [left, right], lambda: torch.eye(e) + left.T @ right  # noqa: E731
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     qt, dt = torch.from_numpy(queries.astype(np.float32)), torch.from_numpy(targets.astype(np.float32))
     by_target, usable = queries_by_target(target_of, len(targets))
     with progress_bar("train TA", epochs, progress) as bar:
@@ -424,6 +433,7 @@ def train_ta(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray, ep
             for b in range(max(1, len(order) // batch_size)):
                 tgt = order[b * batch_size:(b + 1) * batch_size]
                 qi = np.array([rng.choice(by_target[t]) for t in tgt])
+                p = weight()
                 zq = F.normalize(qt[qi] @ p.T, dim=-1)
                 zd = F.normalize(dt[tgt] @ p.T, dim=-1)
                 s = zq @ zd.T / temperature
@@ -433,7 +443,7 @@ def train_ta(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray, ep
                 loss.backward()
                 opt.step()
             bar.advance(1)
-    return p.detach().numpy()
+    return weight().detach().numpy()
 
 
 def describe(path: Path) -> str:
