@@ -36,10 +36,11 @@ of at the backbone's ranking), and make the difference switchable:
 * ``tied_query`` (reconstruction, off by default): the λ-mix takes the query *through its
   own transform*, q' = normalise((1 − λ)·MLP(control) + λ·T q), instead of q. Why: static
   task adaptation (TA), the query-independent special case QuARI should contain, maps
-  query and gallery with one matrix (q' = Wq, T = W); with an untied q' the head must learn
-  W's action on the query separately, and on World-ILIAS it did not within our budget (a
-  static rank-32 map I + AᵀB trained like TA reaches 54.8 mAP@1k on val in 300 epochs from
-  zero-shot's 47.9, untied QuARI stays at 47). Tied, a constant U, V already is TA.
+  query and gallery with one matrix (q' = Wq, T = W); untied, the head must learn W's
+  action on the query separately. On World-ILIAS val (mini-clip) a static rank-32 map
+  I + AᵀB trained like TA reaches 54.8 mAP@1k in 300 epochs (zero-shot 47.9), untied
+  identity-start QuARI stays at 45–48 after 10–60 epochs, tied (λ = 1, 300 epochs) 51.9
+  (bench/results/quari.md).
 * The control token is updated residually like the U/V tokens; U/V tokens are dropped
   at random (``token_dropout``, 5 %, as in the code) while training.
 
