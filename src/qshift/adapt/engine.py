@@ -43,9 +43,9 @@ the adapted queries falls under ``collapse_ratio`` × the spread of the frozen o
 query the *frozen* model already retrieves confidently keeps the frozen embedding; the
 rest get the adapted one. Confident means ``gate_confidence`` (``margin``: top-1 minus
 top-2 cosine over the gallery; ``top1``: top-1 softmax probability at the encoder's
-trained temperature; ``entropy``: one minus the normalised entropy — the same measures
-as the fusion stage's, :mod:`qshift.confidence`) of the frozen embedding ≥ the ``frozen_gate`` quantile of the same
-confidence over the source texts (clean, disjoint from the test queries; at most
+trained temperature; ``entropy``: one minus the normalised entropy — the fusion stage's
+measures, :mod:`qshift.confidence`) of the frozen embedding ≥ the ``frozen_gate``
+quantile of the same confidence over the source texts (clean, disjoint from the test queries; at most
 ``gate_samples`` of them). Why: adaptation along a shifted stream moves the tower for every
 query, and the queries the frozen model handles well — clean ones, mild shifts — lose most
 (forgetting 2–9 R@1 on world test after the mixed stream, bench/results/tta.md). The

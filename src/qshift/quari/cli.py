@@ -55,6 +55,7 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
                                              "zero-initialised, U and V not normalised; reconstruction)."),
           tied_query: bool = typer.Option(False, help="q' mixes T q instead of q: the query goes through its own "
                                           "transform, as TA maps both sides (reconstruction)."),
+          warmup_steps: int = typer.Option(0, help="Linear warm-up steps before the cosine schedule."),
           ta: Optional[Path] = typer.Option(None, help="Train on features projected by this TA map (TA + QuARI)."),
           val_fraction: float = typer.Option(0.1, help="Share of targets held out (≤ 1,000) to pick the best epoch."),
           seed: int = typer.Option(0),
@@ -74,7 +75,7 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
                        tied_query=tied_query)
     tcfg = QuARITrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, noise=noise,
                             semi_positives=semi_positives, hard_negatives=hard_negatives, column_loss=column_loss,
-                            val_fraction=val_fraction, seed=seed)
+                            warmup_steps=warmup_steps, val_fraction=val_fraction, seed=seed)
     res = train_quari(q, t, tof, mcfg, tcfg, out_dir, backbone=enc.fingerprint(), progress=not as_json,
                       projection=None if ta is None else load_ta(ta), groups=groups, negatives=pool)
     if as_json:
