@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from qshift.errors import InputError
+from qshift.quari.scoring import apply_transform
 
 
 @dataclass(frozen=True)
@@ -157,9 +158,6 @@ class QuARI(nn.Module):
         head = self.decode_q(self.norm(ctrl))
         if self.cfg.unit_query_head:
             head = torch.nn.functional.normalize(head, dim=-1)
-        base = q
-        if self.cfg.tied_query:                                    # T q = a·Uᵀ(V q) (+ q with the anchor)
-            tq = torch.einsum("bre,br->be", u, torch.einsum("bre,be->br", v, q))
-            base = tq if self.cfg.anchor is None else q + self.cfg.anchor * tq
+        base = apply_transform(q, u, v, self.cfg.anchor) if self.cfg.tied_query else q   # T q, or q
         qp = torch.nn.functional.normalize((1 - lam) * head + lam * base, dim=-1)
         return qp, u, v

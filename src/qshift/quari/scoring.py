@@ -96,7 +96,13 @@ def lowrank_scores_numpy(qp: np.ndarray, u: np.ndarray, v: np.ndarray, d: np.nda
     return num / (np.linalg.norm(qp, axis=1, keepdims=True) * np.sqrt(np.maximum(norm2, EPS)) + EPS)
 
 
+def apply_transform(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, anchor: float | None = None) -> torch.Tensor:
+    """T x per query (B × E) without materialising T: x + a·Uᵀ(V x), or Uᵀ(V x) without the anchor."""
+    w = torch.einsum("br,bre->be", torch.einsum("bre,be->br", v, x), u)
+    return w if anchor is None else x + anchor * w
+
+
 def search_vectors(qp: torch.Tensor, u: torch.Tensor, v: torch.Tensor, anchor: float | None = None) -> torch.Tensor:
-    """w = Tᵀ q' (B × E): MIPS with w ranks by the numerator q'ᵀ T d."""
-    w = torch.einsum("br,bre->be", torch.einsum("bre,be->br", u, qp), v)
-    return w if anchor is None else qp + anchor * w
+    """w = Tᵀ q' (B × E): MIPS with w ranks by the numerator q'ᵀ T d. Tᵀ is T with U and V
+    swapped."""
+    return apply_transform(qp, v, u, anchor)
