@@ -120,6 +120,36 @@ def test_tied_query_takes_the_query_through_its_own_transform(anchor):
         assert torch.allclose(untied(q)[0], q, atol=1e-6)
 
 
+def test_static_base_is_the_query_independent_part_of_the_transform(tmp_path):
+    """static_base: U = U₀ + MLP_u, V = V₀ + MLP_v. At the identity start T = I; with the
+    decoders silenced every query gets U₀, V₀ (tied, λ = 1: q' = normalise(q + a·U₀ᵀV₀ q), the
+    rank-r TA map); training moves U₀ away from zero."""
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
+    kw = dict(dim=16, rank=4, hidden=32, layers=1, heads=2, steps=2, identity_init=True, query_residual=1.0,
+              tied_query=True)
+    model = QuARI(QuARIConfig(**kw, static_base=True)).eval()
+    with torch.no_grad():
+        qp, u, _ = model(q)
+        assert torch.allclose(qp, q, atol=1e-6) and u.abs().max() == 0
+        model.base_u.copy_(torch.randn(4, 16))
+        for dec in (model.decode_u, model.decode_v):
+            dec[-1].weight.zero_()
+            dec[-1].bias.zero_()
+        qp, u, v = model(q)
+    assert torch.allclose(u, model.base_u.expand(5, -1, -1)) and torch.allclose(v, model.base_v.expand(5, -1, -1))
+    ta = torch.eye(16) + 0.8 * model.base_u.T @ model.base_v
+    assert torch.allclose(qp, torch.nn.functional.normalize(q @ ta.T, dim=-1), atol=1e-5)
+    assert not hasattr(QuARI(QuARIConfig(**kw)), "base_u")
+    rng = np.random.default_rng(0)
+    qs, t, tof = _toy(rng)
+    train_quari(qs, t, tof, QuARIConfig(**kw, static_base=True),
+                QuARITrainConfig(epochs=5, batch_size=50, lr=3e-3, n_neighbors=10, val_fraction=0), tmp_path / "run",
+                progress=False)
+    trained = load_quari(tmp_path / "run")[0]
+    assert trained.cfg.static_base and trained.base_u.abs().max() > 1e-3
+
+
 def test_learning_rate_warms_up_then_follows_the_cosine():
     from qshift.quari.train import learning_rate
 
@@ -363,9 +393,10 @@ def test_cli_train_ta_and_quari_from_store(image_collection, tmp_path):
     r = run("quari", "train", image_collection, "-o", tmp_path / "q3", *small, "--query-residual", "1.5", *common)
     assert r.exit_code != 0 and "query_residual must be in [0, 1]" in r.output
     r = run("quari", "train", image_collection, "-o", tmp_path / "q4", *small, "--identity-init", "--no-column-loss",
-            "--tied-query", "--warmup-steps", 3, *common)
+            "--tied-query", "--static-base", "--warmup-steps", 3, *common)
     assert r.exit_code == 0, r.output
     assert load_quari(tmp_path / "q4")[0].cfg.identity_init and load_quari(tmp_path / "q4")[0].cfg.tied_query
+    assert load_quari(tmp_path / "q4")[0].cfg.static_base
     assert read_json(tmp_path / "q4" / "quari.json")["train"]["column_loss"] is False
     assert read_json(tmp_path / "q4" / "quari.json")["train"]["warmup_steps"] == 3
     r = run("quari", "train", image_collection, "-o", tmp_path / "q5", *small, "--identity-init", "--unit-query-head",

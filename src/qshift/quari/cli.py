@@ -55,6 +55,9 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
                                              "zero-initialised, U and V not normalised; reconstruction)."),
           tied_query: bool = typer.Option(False, help="q' mixes T q instead of q: the query goes through its own "
                                           "transform, as TA maps both sides (reconstruction)."),
+          static_base: bool = typer.Option(False, help="U = U₀ + MLP_u, V = V₀ + MLP_v with learned "
+                                           "query-independent U₀, V₀: the static part of T is its own parameter "
+                                           "(reconstruction)."),
           warmup_steps: int = typer.Option(0, help="Linear warm-up steps before the cosine schedule."),
           ta: Optional[Path] = typer.Option(None, help="Train on features projected by this TA map (TA + QuARI)."),
           val_fraction: float = typer.Option(0.1, help="Share of targets held out (≤ 1,000) to pick the best epoch."),
@@ -72,7 +75,7 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
     mcfg = QuARIConfig(dim=q.shape[1], rank=rank, hidden=hidden, layers=layers, heads=heads, steps=steps,
                        one_step=one_step, anchor=anchor or None, query_residual=query_residual,
                        unit_query_head=unit_query_head, identity_init=identity_init,
-                       tied_query=tied_query)
+                       tied_query=tied_query, static_base=static_base)
     tcfg = QuARITrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, noise=noise,
                             semi_positives=semi_positives, hard_negatives=hard_negatives, column_loss=column_loss,
                             warmup_steps=warmup_steps, val_fraction=val_fraction, seed=seed)

@@ -41,6 +41,12 @@ of at the backbone's ranking), and make the difference switchable:
   I + AᵀB trained like TA reaches 54.8 mAP@1k in 300 epochs (zero-shot 47.9), untied
   identity-start QuARI stays at 45–48 after 10–60 epochs, tied (λ = 1, 300 epochs) 51.9
   (bench/results/quari.md).
+* ``static_base`` (reconstruction, off by default): U = U₀ + MLP_u(u_j) and V = V₀ + MLP_v(v_j)
+  with learned query-independent U₀, V₀ ∈ R^{r×E} (U₀ zero at the start, V₀ random, as the
+  rank-r TA map's A and B). Why: the decoders share one bias over the r tokens, so the
+  query-independent part of T — static TA, the part that carries World-ILIAS — can only be
+  built through the token positions and the transformer; with U₀, V₀ it is its own
+  parameter, and the hypernetwork predicts the per-query deviation from it.
 * The control token is updated residually like the U/V tokens; U/V tokens are dropped
   at random (``token_dropout``, 5 %, as in the code) while training.
 
@@ -74,6 +80,7 @@ class QuARIConfig:
     unit_query_head: bool = False  # normalise MLP(control) before the λ-mix (reconstruction)
     identity_init: bool = False    # start at T = I, q' = q; U, V not normalised (reconstruction)
     tied_query: bool = False       # q' mixes T q instead of q (reconstruction)
+    static_base: bool = False      # U = U₀ + MLP_u, V = V₀ + MLP_v with learned U₀, V₀ (reconstruction)
 
     def __post_init__(self) -> None:
         for name in ("dim", "rank", "hidden", "layers", "heads", "steps"):
@@ -123,6 +130,9 @@ class QuARI(nn.Module):
             for dec in (self.decode_u, self.decode_q):
                 nn.init.zeros_(dec[-1].weight)
                 nn.init.zeros_(dec[-1].bias)
+        if cfg.static_base:                                        # U₀ = 0, V₀ random: T = I + a·U₀ᵀV₀ starts at I
+            self.base_u = nn.Parameter(torch.zeros(r, cfg.dim))
+            self.base_v = nn.Parameter(torch.randn(r, cfg.dim) / math.sqrt(cfg.dim))
         self.register_buffer("pos", sinusoid(torch.arange(1 + 2 * r), h), persistent=False)
         self.register_buffer("step_pos", sinusoid(torch.arange(cfg.steps), h), persistent=False)
 
@@ -151,6 +161,8 @@ class QuARI(nn.Module):
         tokens = self.norm(tokens)
         u = self.decode_u(tokens[:, :r])                           # Eq. 7: MLP_u(u_j)
         v = self.decode_v(tokens[:, r:])                           #        MLP_v(v_j)
+        if self.cfg.static_base:                                   # the query-independent part
+            u, v = u + self.base_u, v + self.base_v
         if self.cfg.anchor is not None and not self.cfg.identity_init:
             u = u / u.flatten(1).norm(dim=1).clamp_min(1e-8)[:, None, None]
             v = v / v.flatten(1).norm(dim=1).clamp_min(1e-8)[:, None, None]
