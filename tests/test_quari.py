@@ -148,6 +148,12 @@ def test_static_base_is_the_query_independent_part_of_the_transform(tmp_path):
                 progress=False)
     trained = load_quari(tmp_path / "run")[0]
     assert trained.cfg.static_base and trained.base_u.abs().max() > 1e-3
+    # static_lr_scale: U₀, V₀ take steps that much larger (Adam: step ≈ rate), the rest is unchanged
+    fast = QuARITrainConfig(epochs=5, batch_size=50, lr=3e-3, n_neighbors=10, val_fraction=0, static_lr_scale=10)
+    train_quari(qs, t, tof, QuARIConfig(**kw, static_base=True), fast, tmp_path / "fast", progress=False)
+    assert load_quari(tmp_path / "fast")[0].base_u.norm() > 3 * trained.base_u.norm()
+    with pytest.raises(InputError, match="static_lr_scale"):
+        QuARITrainConfig(static_lr_scale=0)
 
 
 def test_learning_rate_warms_up_then_follows_the_cosine():
@@ -393,12 +399,13 @@ def test_cli_train_ta_and_quari_from_store(image_collection, tmp_path):
     r = run("quari", "train", image_collection, "-o", tmp_path / "q3", *small, "--query-residual", "1.5", *common)
     assert r.exit_code != 0 and "query_residual must be in [0, 1]" in r.output
     r = run("quari", "train", image_collection, "-o", tmp_path / "q4", *small, "--identity-init", "--no-column-loss",
-            "--tied-query", "--static-base", "--warmup-steps", 3, *common)
+            "--tied-query", "--static-base", "--static-lr-scale", 4, "--warmup-steps", 3, *common)
     assert r.exit_code == 0, r.output
     assert load_quari(tmp_path / "q4")[0].cfg.identity_init and load_quari(tmp_path / "q4")[0].cfg.tied_query
     assert load_quari(tmp_path / "q4")[0].cfg.static_base
     assert read_json(tmp_path / "q4" / "quari.json")["train"]["column_loss"] is False
     assert read_json(tmp_path / "q4" / "quari.json")["train"]["warmup_steps"] == 3
+    assert read_json(tmp_path / "q4" / "quari.json")["train"]["static_lr_scale"] == 4
     r = run("quari", "train", image_collection, "-o", tmp_path / "q5", *small, "--identity-init", "--unit-query-head",
             *common)
     assert r.exit_code != 0 and "identity_init needs" in r.output

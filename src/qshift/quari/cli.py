@@ -58,6 +58,8 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
           static_base: bool = typer.Option(False, help="U = U₀ + MLP_u, V = V₀ + MLP_v with learned "
                                            "query-independent U₀, V₀: the static part of T is its own parameter "
                                            "(reconstruction)."),
+          static_lr_scale: float = typer.Option(1.0, help="With --static-base: U₀, V₀ learn at lr × this "
+                                                "(reconstruction)."),
           warmup_steps: int = typer.Option(0, help="Linear warm-up steps before the cosine schedule."),
           ta: Optional[Path] = typer.Option(None, help="Train on features projected by this TA map (TA + QuARI)."),
           val_fraction: float = typer.Option(0.1, help="Share of targets held out (≤ 1,000) to pick the best epoch."),
@@ -78,7 +80,8 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
                        tied_query=tied_query, static_base=static_base)
     tcfg = QuARITrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, noise=noise,
                             semi_positives=semi_positives, hard_negatives=hard_negatives, column_loss=column_loss,
-                            warmup_steps=warmup_steps, val_fraction=val_fraction, seed=seed)
+                            warmup_steps=warmup_steps, static_lr_scale=static_lr_scale, val_fraction=val_fraction,
+                            seed=seed)
     res = train_quari(q, t, tof, mcfg, tcfg, out_dir, backbone=enc.fingerprint(), progress=not as_json,
                       projection=None if ta is None else load_ta(ta), groups=groups, negatives=pool)
     if as_json:
