@@ -60,6 +60,7 @@ LR = 1e-3  # with ~10³ steps instead of the paper's ~10⁵ a larger rate than t
 BATCH = 128  # the paper's ≈320 makes each CPU step ~6× dearer (scores grow with batch²)
 RERANK_K = 100
 RERANK_ROW = f"QuARI, re-rank top-{RERANK_K}"
+STATIC_ROW = "QuARI, static part only"  # a static_base model with U = U₀, V = V₀ for every query
 VARIANTS = {  # name: (model overrides, train overrides, on TA features)
     "QuARI": ({}, {}, False),
     "TA + QuARI": ({}, {}, True),
@@ -212,6 +213,27 @@ def _pipeline_scores(enc, task, method: str | dict) -> np.ndarray:
         return pipe.score(task.query_texts or task.query_ids, embeddings=task.queries)
 
 
+def _static_part_scores(enc, task, folder: Path) -> np.ndarray:
+    """Scores of a ``static_base`` QuARI reduced to its query-independent part: the U and V
+    decoders' last layers zeroed, so U = U₀ and V = V₀ for every query (with λ = 1 and the
+    tied query, the rank-r static map I + a·U₀ᵀV₀ that QuARI learned)."""
+    import tempfile
+
+    import torch
+
+    from qshift.quari import load_quari
+    from qshift.quari.train import save_quari
+
+    model, proj, meta = load_quari(folder)
+    with torch.no_grad():
+        for dec in (model.decode_u, model.decode_v):
+            dec[-1].weight.zero_()
+            dec[-1].bias.zero_()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_quari(model, Path(tmp), meta["backbone"], None, proj, [])
+        return _pipeline_scores(enc, task, {"name": "quari", "checkpoint": tmp})
+
+
 def _accuracy_one_seed(enc, pairs, task, run_dir: Path, epochs: int, seed: int, k_map: int = 10,
                        lr: float = LR, batch: int = BATCH, variants: list[str] | None = None,
                        model: dict | None = None, train: dict | None = None,
@@ -248,6 +270,8 @@ def _accuracy_one_seed(enc, pairs, task, run_dir: Path, epochs: int, seed: int, 
         if name == "QuARI":
             rerank = {"name": "quari", "checkpoint": str(out), "mode": "rerank", "k": RERANK_K}
             rows[RERANK_ROW] = _metrics(_pipeline_scores(enc, task, rerank), positive, k_map)
+            if mcfg.static_base:
+                rows[STATIC_ROW] = _metrics(_static_part_scores(enc, task, out), positive, k_map)
     return rows, train_seconds
 
 
@@ -549,7 +573,7 @@ def _legacy(a: dict) -> dict:
             "quari_gain": a["quari_gain_r1"], "ablation_minus_full": a.get("ablation_minus_full_r1", {})}
 
 
-ROW_ORDER = ("zero-shot", "TA", "QuARI", "QuARI, re-rank top-100", "TA + QuARI")
+ROW_ORDER = ("zero-shot", "TA", "QuARI", RERANK_ROW, STATIC_ROW, "TA + QuARI")
 
 
 def _ordered(rows: dict) -> list[str]:
