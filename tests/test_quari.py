@@ -148,12 +148,14 @@ def test_static_base_is_the_query_independent_part_of_the_transform(tmp_path):
                 progress=False)
     trained = load_quari(tmp_path / "run")[0]
     assert trained.cfg.static_base and trained.base_u.abs().max() > 1e-3
-    # static_lr_scale: U₀, V₀ take steps that much larger (Adam: step ≈ rate), the rest is unchanged
+    # static_lr_scale: U₀, V₀ take steps that much larger (Adam: step ≈ rate); refused without static_base
     fast = QuARITrainConfig(epochs=5, batch_size=50, lr=3e-3, n_neighbors=10, val_fraction=0, static_lr_scale=10)
     train_quari(qs, t, tof, QuARIConfig(**kw, static_base=True), fast, tmp_path / "fast", progress=False)
     assert load_quari(tmp_path / "fast")[0].base_u.norm() > 3 * trained.base_u.norm()
     with pytest.raises(InputError, match="static_lr_scale"):
         QuARITrainConfig(static_lr_scale=0)
+    with pytest.raises(InputError, match="static_lr_scale needs"):
+        train_quari(qs, t, tof, QuARIConfig(**kw), fast, tmp_path / "plain", progress=False)
 
 
 def test_learning_rate_warms_up_then_follows_the_cosine():

@@ -46,7 +46,11 @@ of at the backbone's ranking), and make the difference switchable:
   rank-r TA map's A and B). Why: the decoders share one bias over the r tokens, so the
   query-independent part of T — static TA, the part that carries World-ILIAS — can only be
   built through the token positions and the transformer; with U₀, V₀ it is its own
-  parameter, and the hypernetwork predicts the per-query deviation from it.
+  parameter, and the hypernetwork predicts the per-query deviation from it. World-ILIAS
+  (tied, λ = 1, 300 epochs): val 52.9 mAP@1k against 51.9 without it; test 28.0 (zero-shot
+  27.9). U₀, V₀ alone (the decoders silenced) score 49.3 val and 25.8 test, while the same
+  rank-32 map trained as TA reaches 54.8 / 32.7 in those epochs — within QuARI's loss the
+  static part learns little.
 * The control token is updated residually like the U/V tokens; U/V tokens are dropped
   at random (``token_dropout``, 5 %, as in the code) while training.
 
