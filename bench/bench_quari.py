@@ -214,23 +214,17 @@ def _pipeline_scores(enc, task, method: str | dict) -> np.ndarray:
 
 
 def _static_part_scores(enc, task, folder: Path) -> np.ndarray:
-    """Scores of a ``static_base`` QuARI reduced to its query-independent part: the U and V
-    decoders' last layers zeroed, so U = U₀ and V = V₀ for every query (with λ = 1 and the
-    tied query, the rank-r static map I + a·U₀ᵀV₀ that QuARI learned)."""
+    """Scores of a ``static_base`` QuARI reduced to its query-independent part,
+    :meth:`QuARI.static_part` (with λ = 1 and the tied query, the rank-r static map
+    I + a·U₀ᵀV₀ that QuARI learned)."""
     import tempfile
-
-    import torch
 
     from qshift.quari import load_quari
     from qshift.quari.train import save_quari
 
     model, proj, meta = load_quari(folder)
-    with torch.no_grad():
-        for dec in (model.decode_u, model.decode_v):
-            dec[-1].weight.zero_()
-            dec[-1].bias.zero_()
     with tempfile.TemporaryDirectory() as tmp:
-        save_quari(model, Path(tmp), meta["backbone"], None, proj, [])
+        save_quari(model.static_part(), Path(tmp), meta["backbone"], None, proj, [])
         return _pipeline_scores(enc, task, {"name": "quari", "checkpoint": tmp})
 
 

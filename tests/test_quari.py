@@ -133,14 +133,14 @@ def test_static_base_is_the_query_independent_part_of_the_transform(tmp_path):
         qp, u, _ = model(q)
         assert torch.allclose(qp, q, atol=1e-6) and u.abs().max() == 0
         model.base_u.copy_(torch.randn(4, 16))
-        for dec in (model.decode_u, model.decode_v):
-            dec[-1].weight.zero_()
-            dec[-1].bias.zero_()
+        model = model.static_part()
         qp, u, v = model(q)
     assert torch.allclose(u, model.base_u.expand(5, -1, -1)) and torch.allclose(v, model.base_v.expand(5, -1, -1))
     ta = torch.eye(16) + 0.8 * model.base_u.T @ model.base_v
     assert torch.allclose(qp, torch.nn.functional.normalize(q @ ta.T, dim=-1), atol=1e-5)
     assert not hasattr(QuARI(QuARIConfig(**kw)), "base_u")
+    with pytest.raises(InputError, match="static_part needs"):
+        QuARI(QuARIConfig(**kw)).static_part()
     rng = np.random.default_rng(0)
     qs, t, tof = _toy(rng)
     train_quari(qs, t, tof, QuARIConfig(**kw, static_base=True),

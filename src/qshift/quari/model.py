@@ -60,6 +60,7 @@ of at the backbone's ranking), and make the difference switchable:
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 
@@ -140,6 +141,18 @@ class QuARI(nn.Module):
             self.base_v = nn.Parameter(torch.randn(r, cfg.dim) / math.sqrt(cfg.dim))
         self.register_buffer("pos", sinusoid(torch.arange(1 + 2 * r), h), persistent=False)
         self.register_buffer("step_pos", sinusoid(torch.arange(cfg.steps), h), persistent=False)
+
+    def static_part(self) -> "QuARI":
+        """A copy whose U and V decoders' last layers are zero, so every query gets U = U₀,
+        V = V₀: what a ``static_base`` model learned that is not per-query."""
+        if not self.cfg.static_base:
+            raise InputError("quari: static_part needs a static_base model (U₀, V₀)")
+        out = copy.deepcopy(self)
+        with torch.no_grad():
+            for dec in (out.decode_u, out.decode_v):
+                dec[-1].weight.zero_()
+                dec[-1].bias.zero_()
+        return out
 
     @property
     def n_steps(self) -> int:
