@@ -80,10 +80,12 @@ def ablation_reference(name: str) -> str:
 
 
 # the cut-offs each protocol reports (ILIAS: mAP@1k; INQUIRE: mAP@50, nDCG@50); captions: @10
-K_MAP = {"world-ilias": 1000, "world-ilias-100k": 1000, "world-ilias-val": 1000, "world-ilias-train": 1000,
+K_MAP = {"world-ilias": 1000, "world-ilias-100k": 1000, "world-ilias-val": 1000, "world-ilias-val-10k": 1000,
+         "world-ilias-train": 1000,
          "world-inquire": 50, "world-inquire-val": 50}
 # training sets (and run folders) shared between testbeds; the -val testbeds pick the epochs
-TRAIN_SET = {"world-ilias-100k": "world-ilias", "world-ilias-val": "world-ilias", "world-ilias-train": "world-ilias",
+TRAIN_SET = {"world-ilias-100k": "world-ilias", "world-ilias-val": "world-ilias", "world-ilias-val-10k": "world-ilias",
+             "world-ilias-train": "world-ilias",
              "world-inquire-val": "world-inquire"}
 
 
@@ -133,7 +135,8 @@ def _protocol_testbed(name: str, encoder: str | None, store, train_instances: in
     kind = "ilias" if name.startswith("world-ilias") else "inquire"
     direction = "i2i" if kind == "ilias" else "t2i"
     test_spec = {"world-ilias": "world-ilias:test-10k", "world-ilias-100k": "world-ilias:test-100k",
-                 "world-ilias-val": "world-ilias:val", "world-ilias-train": "world-ilias:train",
+                 "world-ilias-val": "world-ilias:val", "world-ilias-val-10k": "world-ilias:val-10k",
+                 "world-ilias-train": "world-ilias:train",
                  "world-inquire": "world-inquire:test",
                  "world-inquire-val": "world-inquire:val"}[name]
     if train_instances and kind != "ilias":
@@ -550,6 +553,9 @@ NOTES = {
                          "method learn to rank the instances it was trained on?",
     "world-ilias-val": "Validation (300 instances never trained on, 1.5k gallery): picks the epoch budgets "
                        "(QuARI's and, with --ta-epochs, TA's) and the hypernetwork's settings.",
+    "world-ilias-val-10k": "Validation at the test gallery's size: world-ilias-val's 300 instances and "
+                           "checkpoints among 10k gallery images (random scenes fill the gallery) — does a "
+                           "setting's val gain survive a gallery as large as the test's?",
     "world-inquire-val": "Validation (the val template, sizes, never trained on; 4k gallery): picks the epoch "
                          "budget.",
     "world-inquire": "Many-positive text queries (QuARI's INQUIRE setting on the world): relevant sets come "
@@ -576,7 +582,7 @@ def _ordered(rows: dict) -> list[str]:
     return sorted(rows, key=lambda m: (ROW_ORDER.index(m) if m in ROW_ORDER else len(ROW_ORDER), m))
 
 
-ACCURACY = ("world", "world-pixel", "coco", "world-ilias-val", "world-ilias", "world-ilias-100k", "world-ilias-train",
+ACCURACY = ("world", "world-pixel", "coco", "world-ilias-val", "world-ilias-val-10k", "world-ilias", "world-ilias-100k", "world-ilias-train",
             "world-inquire-val", "world-inquire")
 
 
@@ -756,7 +762,7 @@ def main() -> None:
         tag = budget_tag(args.epochs, args.lr, args.batch, ta_epochs)
         model, train = parse_model(args.model), parse_model(args.train, train=True)
         key = (f"accuracy_{args.testbed}"
-               + (tag if args.testbed.endswith("-val") else ta_tag(args.epochs, ta_epochs))
+               + (tag if "-val" in args.testbed else ta_tag(args.epochs, ta_epochs))
                + instances_tag(args.train_instances, args.train_set == "captions")
                + encoder_tag(args.testbed, args.encoder) + model_tag({**model, **train}))
         part = bench_accuracy(args.testbed, args.encoder, args.epochs, seeds, args.lr, args.batch,
