@@ -158,6 +158,43 @@ def test_static_base_is_the_query_independent_part_of_the_transform(tmp_path):
         train_quari(qs, t, tof, QuARIConfig(**kw), fast, tmp_path / "plain", progress=False)
 
 
+def test_static_rank_appends_a_static_part_of_its_own_rank(tmp_path):
+    """static_rank r₀: U₀, V₀ (r₀ × E) are appended to the predicted U, V, so T = I + a·(UᵀV + U₀ᵀV₀)
+    has rank r + r₀; the start is still T = I, the static part alone is the rank-r₀ map, and
+    training moves U₀."""
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
+    kw = dict(dim=16, rank=2, hidden=32, layers=1, heads=2, steps=2, identity_init=True, query_residual=1.0,
+              tied_query=True, static_base=True)
+    model = QuARI(QuARIConfig(**kw, static_rank=6)).eval()
+    assert model.base_u.shape == (6, 16)
+    with torch.no_grad():
+        qp, u, v = model(q)
+        assert u.shape == v.shape == (5, 8, 16) and torch.allclose(qp, q, atol=1e-6)
+        model.base_u.copy_(torch.randn(6, 16))
+        for dec in (model.decode_u, model.decode_v):             # some per-query part as well
+            torch.nn.init.normal_(dec[-1].weight)
+        qp, u, v = model(q)
+        full = torch.eye(16) + 0.8 * (u.transpose(1, 2) @ v)
+        assert torch.allclose(u[:, 2:], model.base_u.expand(5, -1, -1))     # the static rows, after r predicted
+        static = model.static_part()(q)[0]
+    assert torch.allclose(qp, torch.nn.functional.normalize(torch.einsum("bef,bf->be", full, q), dim=-1), atol=1e-5)
+    ta = torch.eye(16) + 0.8 * model.base_u.T @ model.base_v
+    assert torch.allclose(static, torch.nn.functional.normalize(q @ ta.T, dim=-1), atol=1e-5)
+    assert not torch.allclose(static, qp, atol=1e-3)
+    with pytest.raises(InputError, match="static_rank"):
+        QuARIConfig(**{**kw, "static_base": False}, static_rank=4)
+    with pytest.raises(InputError, match="static_rank"):
+        QuARIConfig(**kw, static_rank=-1)
+    rng = np.random.default_rng(0)
+    qs, t, tof = _toy(rng)
+    train_quari(qs, t, tof, QuARIConfig(**kw, static_rank=6),
+                QuARITrainConfig(epochs=5, batch_size=50, lr=3e-3, n_neighbors=10, val_fraction=0), tmp_path / "run",
+                progress=False)
+    trained = load_quari(tmp_path / "run")[0]
+    assert trained.cfg.static_rank == 6 and trained.base_u.shape == (6, 16) and trained.base_u.abs().max() > 1e-3
+
+
 def test_learning_rate_warms_up_then_follows_the_cosine():
     from qshift.quari.train import learning_rate
 
@@ -401,10 +438,10 @@ def test_cli_train_ta_and_quari_from_store(image_collection, tmp_path):
     r = run("quari", "train", image_collection, "-o", tmp_path / "q3", *small, "--query-residual", "1.5", *common)
     assert r.exit_code != 0 and "query_residual must be in [0, 1]" in r.output
     r = run("quari", "train", image_collection, "-o", tmp_path / "q4", *small, "--identity-init", "--no-column-loss",
-            "--tied-query", "--static-base", "--static-lr-scale", 4, "--warmup-steps", 3, *common)
+            "--tied-query", "--static-base", "--static-rank", 3, "--static-lr-scale", 4, "--warmup-steps", 3, *common)
     assert r.exit_code == 0, r.output
     assert load_quari(tmp_path / "q4")[0].cfg.identity_init and load_quari(tmp_path / "q4")[0].cfg.tied_query
-    assert load_quari(tmp_path / "q4")[0].cfg.static_base
+    assert load_quari(tmp_path / "q4")[0].cfg.static_base and load_quari(tmp_path / "q4")[0].cfg.static_rank == 3
     assert read_json(tmp_path / "q4" / "quari.json")["train"]["column_loss"] is False
     assert read_json(tmp_path / "q4" / "quari.json")["train"]["warmup_steps"] == 3
     assert read_json(tmp_path / "q4" / "quari.json")["train"]["static_lr_scale"] == 4

@@ -58,6 +58,9 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
           static_base: bool = typer.Option(False, help="U = U₀ + MLP_u, V = V₀ + MLP_v with learned "
                                            "query-independent U₀, V₀: the static part of T is its own parameter "
                                            "(reconstruction)."),
+          static_rank: int = typer.Option(0, help="With --static-base: U₀, V₀ of this rank appended to U, V "
+                                          "(T = I + a·(UᵀV + U₀ᵀV₀)) instead of added; 0 = added, rank r "
+                                          "(reconstruction)."),
           static_lr_scale: float = typer.Option(1.0, help="With --static-base: U₀, V₀ learn at lr × this "
                                                 "(reconstruction)."),
           warmup_steps: int = typer.Option(0, help="Linear warm-up steps before the cosine schedule."),
@@ -77,7 +80,8 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
     mcfg = QuARIConfig(dim=q.shape[1], rank=rank, hidden=hidden, layers=layers, heads=heads, steps=steps,
                        one_step=one_step, anchor=anchor or None, query_residual=query_residual,
                        unit_query_head=unit_query_head, identity_init=identity_init,
-                       tied_query=tied_query, static_base=static_base)
+                       tied_query=tied_query, static_base=static_base,
+                       static_rank=static_rank)
     tcfg = QuARITrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, noise=noise,
                             semi_positives=semi_positives, hard_negatives=hard_negatives, column_loss=column_loss,
                             warmup_steps=warmup_steps, static_lr_scale=static_lr_scale, val_fraction=val_fraction,

@@ -51,7 +51,14 @@ of at the backbone's ranking), and make the difference switchable:
   27.9). U₀, V₀ alone (the decoders silenced) score 49.3 val and 25.8 test, while the same
   rank-32 map trained as TA reaches 54.8 / 32.7 in those epochs — within QuARI's loss the
   static part learns little. Trained without semi-positives and query noise (TA's loss has
-  neither): val 55.9, test 30.8 (seed 0), the static part alone still ≈ zero-shot.
+  neither): val 55.9, test 30.19 ± 0.56 (3 seeds; zero-shot 27.9), the static part alone still
+  below zero-shot.
+* ``static_rank`` r₀ (reconstruction, 0 by default = U₀, V₀ of rank r added to U, V): U₀, V₀ of
+  rank r₀ are *appended* to the predicted rows, T = I + a·(UᵀV + U₀ᵀV₀), so the static part can
+  have a higher rank than the per-query one at no cost in the transformer (its r tokens stay).
+  Why: restricted to rank r₀, the TA map at 300 epochs scores 33.0 / 35.0 / 37.1 mAP@1k on
+  World-ILIAS val-10k at r₀ = 32 / 64 / 128 (full rank 37.9, zero-shot 28.3) — rank 32 caps
+  the static part.
 * The control token is updated residually like the U/V tokens; U/V tokens are dropped
   at random (``token_dropout``, 5 %, as in the code) while training.
 
@@ -87,6 +94,7 @@ class QuARIConfig:
     identity_init: bool = False    # start at T = I, q' = q; U, V not normalised (reconstruction)
     tied_query: bool = False       # q' mixes T q instead of q (reconstruction)
     static_base: bool = False      # U = U₀ + MLP_u, V = V₀ + MLP_v with learned U₀, V₀ (reconstruction)
+    static_rank: int = 0           # > 0: U₀, V₀ of this rank appended to U, V instead of added (reconstruction)
 
     def __post_init__(self) -> None:
         for name in ("dim", "rank", "hidden", "layers", "heads", "steps"):
@@ -96,6 +104,8 @@ class QuARIConfig:
             raise InputError(f"quari: hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         if not 0 <= self.query_residual <= 1 or not 0 <= self.token_dropout < 1:
             raise InputError("quari: query_residual must be in [0, 1] and token_dropout in [0, 1)")
+        if self.static_rank < 0 or (self.static_rank and not self.static_base):
+            raise InputError(f"quari: static_rank must be >= 0 and needs static_base, got {self.static_rank}")
         if self.identity_init and (self.anchor is None or self.unit_query_head or self.query_residual == 0):
             raise InputError("quari: identity_init needs an anchor (T = I + a·UᵀV), query_residual > 0 and no "
                              "unit_query_head (q' = q at the start: the head starts at zero)")
@@ -137,8 +147,9 @@ class QuARI(nn.Module):
                 nn.init.zeros_(dec[-1].weight)
                 nn.init.zeros_(dec[-1].bias)
         if cfg.static_base:                                        # U₀ = 0, V₀ random: T = I + a·U₀ᵀV₀ starts at I
-            self.base_u = nn.Parameter(torch.zeros(r, cfg.dim))
-            self.base_v = nn.Parameter(torch.randn(r, cfg.dim) / math.sqrt(cfg.dim))
+            r0 = cfg.static_rank or r
+            self.base_u = nn.Parameter(torch.zeros(r0, cfg.dim))
+            self.base_v = nn.Parameter(torch.randn(r0, cfg.dim) / math.sqrt(cfg.dim))
         self.register_buffer("pos", sinusoid(torch.arange(1 + 2 * r), h), persistent=False)
         self.register_buffer("step_pos", sinusoid(torch.arange(cfg.steps), h), persistent=False)
 
@@ -179,7 +190,10 @@ class QuARI(nn.Module):
         tokens = self.norm(tokens)
         u = self.decode_u(tokens[:, :r])                           # Eq. 7: MLP_u(u_j)
         v = self.decode_v(tokens[:, r:])                           #        MLP_v(v_j)
-        if self.cfg.static_base:                                   # the query-independent part
+        if self.cfg.static_rank:                                   # T = I + a·(UᵀV + U₀ᵀV₀): rank r + r₀
+            u = torch.cat([u, self.base_u.expand(b, -1, -1)], dim=1)
+            v = torch.cat([v, self.base_v.expand(b, -1, -1)], dim=1)
+        elif self.cfg.static_base:                                 # the query-independent part
             u, v = u + self.base_u, v + self.base_v
         if self.cfg.anchor is not None and not self.cfg.identity_init:
             u = u / u.flatten(1).norm(dim=1).clamp_min(1e-8)[:, None, None]
