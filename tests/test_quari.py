@@ -179,6 +179,22 @@ def test_static_rank_appends_a_static_part_of_its_own_rank(tmp_path):
         assert torch.allclose(u[:, 2:], model.base_u.expand(5, -1, -1))     # the static rows, after r predicted
         static = model.static_part()(q)[0]
     assert torch.allclose(qp, torch.nn.functional.normalize(torch.einsum("bef,bf->be", full, q), dim=-1), atol=1e-5)
+    # scoring applies T₀ to the gallery once and uses the r predicted rows: the same cos(q', T d)
+    from qshift.quari.scoring import materialized_scores
+    from qshift.quari.search import quari_scores
+    from qshift.quari.stage import LowRankTransform
+
+    g = torch.nn.functional.normalize(torch.randn(30, 16), dim=-1)
+    exact = materialized_scores(qp, u, v, g, 0.8).numpy()
+    assert np.allclose(quari_scores(model, q.numpy(), g.numpy()), exact, atol=1e-5)
+    with torch.no_grad():
+        lt = LowRankTransform(qp, u, v, g, 0.8, "full", 5, model.static_map(g), model.per_query_rows(u, v))
+    assert model.per_query_rows(u, v)[0].shape == (5, 2, 16)
+    assert np.allclose(lt.score(None), exact, atol=1e-5)
+    cand = np.arange(15).reshape(5, 3) * 2
+    assert np.allclose(lt.score(cand), np.take_along_axis(exact, cand, 1), atol=1e-5)
+    with pytest.raises(InputError, match="identity_init"):
+        QuARIConfig(**{**kw, "identity_init": False, "query_residual": 0.5}, static_rank=4)
     ta = torch.eye(16) + 0.8 * model.base_u.T @ model.base_v
     assert torch.allclose(static, torch.nn.functional.normalize(q @ ta.T, dim=-1), atol=1e-5)
     assert not torch.allclose(static, qp, atol=1e-3)

@@ -58,7 +58,9 @@ of at the backbone's ranking), and make the difference switchable:
   have a higher rank than the per-query one at no cost in the transformer (its r tokens stay).
   Why: restricted to rank r₀, the TA map at 300 epochs scores 33.0 / 35.0 / 37.1 mAP@1k on
   World-ILIAS val-10k at r₀ = 32 / 64 / 128 (full rank 37.9, zero-shot 28.3) — rank 32 caps
-  the static part.
+  the static part. Needs ``identity_init`` (U, V are not normalised per query, so the static
+  rows stay query-independent); scoring then applies T₀ = I + a·U₀ᵀV₀ to the gallery once and
+  only the r predicted rows per query (``static_map``), so r₀ costs nothing per candidate.
 * The control token is updated residually like the U/V tokens; U/V tokens are dropped
   at random (``token_dropout``, 5 %, as in the code) while training.
 
@@ -104,8 +106,9 @@ class QuARIConfig:
             raise InputError(f"quari: hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         if not 0 <= self.query_residual <= 1 or not 0 <= self.token_dropout < 1:
             raise InputError("quari: query_residual must be in [0, 1] and token_dropout in [0, 1)")
-        if self.static_rank < 0 or (self.static_rank and not self.static_base):
-            raise InputError(f"quari: static_rank must be >= 0 and needs static_base, got {self.static_rank}")
+        if self.static_rank < 0 or (self.static_rank and not (self.static_base and self.identity_init)):
+            raise InputError(f"quari: static_rank must be >= 0 and needs static_base and identity_init (U, V "
+                             f"not normalised per query, so U₀, V₀ stay query-independent), got {self.static_rank}")
         if self.identity_init and (self.anchor is None or self.unit_query_head or self.query_residual == 0):
             raise InputError("quari: identity_init needs an anchor (T = I + a·UᵀV), query_residual > 0 and no "
                              "unit_query_head (q' = q at the start: the head starts at zero)")
@@ -164,6 +167,20 @@ class QuARI(nn.Module):
                 dec[-1].weight.zero_()
                 dec[-1].bias.zero_()
         return out
+
+    def static_map(self, x: torch.Tensor) -> torch.Tensor:
+        """T₀ x = x + a·U₀ᵀ(V₀ x) for rows x (N × E) of a ``static_rank`` model: the
+        query-independent part of T, applied to a gallery once, so that scoring needs only
+        the r predicted rows per query (:func:`qshift.quari.scoring.lowrank_scores`, ``base``)."""
+        if not self.cfg.static_rank:
+            raise InputError("quari: static_map needs a static_rank model")
+        return x + self.cfg.anchor * (x @ self.base_v.T) @ self.base_u
+
+    def per_query_rows(self, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of U, V that differ per query: all of them, or the r predicted ones of a
+        ``static_rank`` model (its static rows come last)."""
+        r = self.cfg.rank
+        return (u[:, :r], v[:, :r]) if self.cfg.static_rank else (u, v)
 
     @property
     def n_steps(self) -> int:

@@ -40,20 +40,31 @@ def _check(qp: torch.Tensor, u: torch.Tensor, v: torch.Tensor, d: torch.Tensor) 
 
 
 def lowrank_scores(qp: torch.Tensor, u: torch.Tensor, v: torch.Tensor, d: torch.Tensor,
-                   anchor: float | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+                   anchor: float | None = None, dtype: torch.dtype | None = None,
+                   base: torch.Tensor | None = None) -> torch.Tensor:
     """cos(q'_b, T_b d) for candidates ``d``: N × E (shared) or B × K × E (per query).
 
     ``dtype`` (float16/bfloat16) runs the big product [V; U] d in half precision with
-    the gallery in that type; the rest is float32.
+    the gallery in that type; the rest is float32. ``base`` (shaped as ``d``, with an
+    anchor): the candidates through a query-independent T₀, when T = T₀ + a·UᵀV — then
+    T d = d̃ + a·Uᵀz with d̃ = T₀ d, so d̃ replaces d in q'ᵀd, ‖d‖² and y = U d̃.
     """
     _check(qp, u, v, d)
+    if base is not None and (base.shape != d.shape or anchor is None):
+        raise InputError(f"quari scores: base must have the candidates' shape {tuple(d.shape)} and needs an anchor")
     r = u.shape[1]
-    vu = v if anchor is None else torch.cat([v, u], dim=1)         # one GEMM gives z (and y)
     half = dtype is not None and dtype != torch.float32
-    if half:
-        d, vu = d.to(dtype), vu.to(dtype)
-    zy = d @ vu.transpose(1, 2) if d.ndim == 3 else torch.matmul(d[None], vu.transpose(1, 2))  # B × N × r(2r)
-    zy = zy.float()
+
+    def rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:   # x (N × E or B × K × E) · wᵀ per query
+        if half:
+            x, w = x.to(dtype), w.to(dtype)
+        return (x @ w.transpose(1, 2) if x.ndim == 3 else torch.matmul(x[None], w.transpose(1, 2))).float()
+
+    if base is None:
+        zy = rows(d, v if anchor is None else torch.cat([v, u], dim=1))   # one GEMM gives z (and y)
+    else:
+        zy = torch.cat([rows(d, v), rows(base, u)], dim=-1)             # z = V d, y = U d̃
+        d = base
     z = zy[..., :r]
     a_q = torch.einsum("bre,be->br", u, qp)                         # U q'
     gram = u @ u.transpose(1, 2)                                    # U Uᵀ, r × r

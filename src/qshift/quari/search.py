@@ -22,10 +22,12 @@ def quari_scores(model: QuARI, queries: np.ndarray, gallery: np.ndarray, batch: 
         raise InputError(f"quari: embeddings of dim {queries.shape[1]}/{gallery.shape[1]}, model expects "
                          f"{model.cfg.dim}")
     g = torch.from_numpy(np.ascontiguousarray(gallery, dtype=np.float32))
+    base = model.static_map(g) if model.cfg.static_rank else None      # static part: once, not per query
     out = np.empty((len(queries), len(gallery)), np.float32)
     for s in range(0, len(queries), batch):
         qp, u, v = model(torch.from_numpy(np.ascontiguousarray(queries[s:s + batch], dtype=np.float32)))
-        out[s:s + batch] = lowrank_scores(qp, u, v, g, model.cfg.anchor, dtype=dtype).numpy()
+        out[s:s + batch] = lowrank_scores(qp, *model.per_query_rows(u, v), g, model.cfg.anchor, dtype=dtype,
+                                          base=base).numpy()
     return out
 
 
@@ -43,7 +45,7 @@ def quari_rerank(model: QuARI, queries: np.ndarray, gallery: np.ndarray, candida
     for s in range(0, len(queries), batch):
         qp, u, v = model(torch.from_numpy(np.ascontiguousarray(queries[s:s + batch], dtype=np.float32)))
         cand = torch.from_numpy(candidates[s:s + batch])
-        scores[s:s + batch] = lowrank_scores(qp, u, v, g[cand], model.cfg.anchor).numpy()
+        scores[s:s + batch] = lowrank_scores(qp, u, v, g[cand], model.cfg.anchor).numpy()   # K rows: all of U, V
     order = np.argsort(-scores, axis=1, kind="stable")
     return np.take_along_axis(scores, order, 1), np.take_along_axis(candidates, order, 1)
 

@@ -27,17 +27,21 @@ MODES = ("full", "rerank")
 
 
 class LowRankTransform:
-    """One batch's QuARI transforms: q' and the low-rank factors U, V per query."""
+    """One batch's QuARI transforms: q' and the low-rank factors U, V per query. ``base``
+    (a ``static_rank`` model): the gallery through the static part T₀, with ``rows`` the
+    per-query rows of U, V that scoring then needs."""
 
     def __init__(self, qp: torch.Tensor, u: torch.Tensor, v: torch.Tensor, gallery: torch.Tensor,
-                 anchor: float | None, mode: str, rerank_k: int) -> None:
+                 anchor: float | None, mode: str, rerank_k: int, base: torch.Tensor | None = None,
+                 rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.qp, self.u, self.v, self.gallery, self.anchor = qp, u, v, gallery, anchor
-        self.mode, self.rerank_k = mode, rerank_k
+        self.mode, self.rerank_k, self.base, self.rows = mode, rerank_k, base, rows or (u, v)
 
     @torch.inference_mode()
     def score(self, candidates: np.ndarray | None) -> np.ndarray:
-        d = self.gallery if candidates is None else self.gallery[torch.from_numpy(np.asarray(candidates))]
-        return lowrank_scores(self.qp, self.u, self.v, d, self.anchor).numpy()
+        pick = (lambda x: x) if candidates is None else (lambda x: x[torch.from_numpy(np.asarray(candidates))])
+        base = None if self.base is None else pick(self.base)
+        return lowrank_scores(self.qp, *self.rows, pick(self.gallery), self.anchor, base=base).numpy()
 
     @torch.inference_mode()
     def search_vectors(self) -> np.ndarray:
@@ -87,12 +91,15 @@ class QuARIStage(Stage):
                                           f"the gallery has {g.shape[1]}")
         g = g if self.proj is None else project(g, self.proj)
         self.gallery = torch.from_numpy(np.ascontiguousarray(g, dtype=np.float32))
+        with torch.inference_mode():                    # the static part, applied to the gallery once
+            self.base = self.model.static_map(self.gallery) if self.model.cfg.static_rank else None
 
     @torch.inference_mode()
     def __call__(self, batch: QueryBatch) -> QueryBatch:
         q = batch.embeddings if self.proj is None else project(batch.embeddings, self.proj)
         qp, u, v = self.model(torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)))
-        batch.transform = LowRankTransform(qp, u, v, self.gallery, self.model.cfg.anchor, self.mode, self.k)
+        batch.transform = LowRankTransform(qp, u, v, self.gallery, self.model.cfg.anchor, self.mode, self.k,
+                                           self.base, self.model.per_query_rows(u, v))
         return batch
 
 
