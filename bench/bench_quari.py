@@ -582,8 +582,8 @@ def _ordered(rows: dict) -> list[str]:
     return sorted(rows, key=lambda m: (ROW_ORDER.index(m) if m in ROW_ORDER else len(ROW_ORDER), m))
 
 
-ACCURACY = ("world", "world-pixel", "coco", "world-ilias-val", "world-ilias-val-10k", "world-ilias", "world-ilias-100k", "world-ilias-train",
-            "world-inquire-val", "world-inquire")
+ACCURACY = ("world", "world-pixel", "coco", "world-ilias-val", "world-ilias-val-10k", "world-ilias", "world-ilias-100k",
+            "world-ilias-train", "world-inquire-val", "world-inquire")
 
 
 def render_md(data: dict) -> str:
