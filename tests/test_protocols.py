@@ -106,6 +106,23 @@ def test_bad_specs_and_builds(tmp_path):
         build_ilias(tmp_path, "test", 10, instances=5)
 
 
+def test_image_writes_of_two_builders_do_not_share_a_temporary_file(tmp_path, monkeypatch):
+    """Two processes building the same set write the same PNGs: each write goes through a
+    temporary file of its own (a shared name let one writer rename the other's file away)."""
+    import os
+
+    from qshift.world import protocols
+
+    moves: list[str] = []
+    real = os.replace
+    monkeypatch.setattr(protocols.os, "replace", lambda a, b: (moves.append(str(a)), real(a, b))[1])
+    arr = np.zeros((4, 4, 3), np.uint8)
+    protocols._write_png(tmp_path / "g0.png", arr)
+    protocols._write_png(tmp_path / "g0.png", arr + 1)
+    assert len(moves) == 2 and moves[0] != moves[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g0.png"]
+
+
 def test_more_instances_extend_the_same_set(tmp_path):
     """world-ilias:SPLIT-iN: a larger training set holds the smaller one's instances unchanged."""
     from qshift.data.collection import load_collection

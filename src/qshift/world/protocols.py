@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -91,9 +92,15 @@ def parse_spec(spec: str) -> Spec:
 def _write_png(path: Path, arr: np.ndarray) -> None:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    # a temporary name of its own: two processes rendering the same set must not share one
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(buf.getvalue())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _lighting(arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
