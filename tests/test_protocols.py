@@ -111,14 +111,14 @@ def test_image_writes_of_two_builders_do_not_share_a_temporary_file(tmp_path, mo
     temporary file of its own (a shared name let one writer rename the other's file away)."""
     import os
 
-    from qshift.world import protocols
+    from qshift.world.render import save_png
 
     moves: list[str] = []
     real = os.replace
-    monkeypatch.setattr(protocols.os, "replace", lambda a, b: (moves.append(str(a)), real(a, b))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (moves.append(str(a)), real(a, b))[1])
     arr = np.zeros((4, 4, 3), np.uint8)
-    protocols._write_png(tmp_path / "g0.png", arr)
-    protocols._write_png(tmp_path / "g0.png", arr + 1)
+    save_png(tmp_path / "g0.png", arr)
+    save_png(tmp_path / "g0.png", arr + 1)
     assert len(moves) == 2 and moves[0] != moves[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g0.png"]
 

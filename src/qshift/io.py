@@ -19,8 +19,10 @@ import numpy as np
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` on success."""
+def atomic_path(path: str | os.PathLike[str], suffix: str = "", fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path (a name of its own, so concurrent writers never share one) next
+    to ``path``; rename it onto ``path`` on success. ``fsync=False`` skips the flush to disk
+    for files that can be made again (e.g. rendered images, many thousands per set)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
@@ -28,16 +30,17 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
+        if fsync:
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    with atomic_path(path) as tmp:
+def write_bytes(path: str | os.PathLike[str], data: bytes, fsync: bool = True) -> None:
+    with atomic_path(path, fsync=fsync) as tmp:
         tmp.write_bytes(data)
 
 

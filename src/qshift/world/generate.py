@@ -28,13 +28,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterable
 
-from PIL import Image
-
 from qshift.errors import InputError
 from qshift.io import read_json, write_json, write_text
 from qshift.progress import progress_bar
 from qshift.world.captions import captions_for
-from qshift.world.render import HELDOUT_STYLES, STYLES, TRAIN_STYLES, render
+from qshift.world.render import HELDOUT_STYLES, STYLES, TRAIN_STYLES, render, save_png
 from qshift.world.scene import SPLIT_CODES, Scene, sample_scene, scene_rng
 
 MANIFEST = "world.json"
@@ -151,12 +149,7 @@ def _render_chunk(args: tuple[dict, str, str, list[int], str]) -> int:
     for i in indices:
         scene = _scene(cfg, split, i)
         arr = render(scene, style, scene_rng(cfg.seed, split, i, code), cfg.image_size)
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
-        target = out / f"{scene.id}.png"
-        tmp = out / f".{scene.id}.png.tmp"
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, target)
+        save_png(out / f"{scene.id}.png", arr)
     return len(indices)
 
 

@@ -29,19 +29,16 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
-from PIL import Image
 
 from qshift.errors import InputError
 from qshift.io import read_json, write_json, write_text
 from qshift.world.captions import CELL_WORDS, COLOR_WORDS, NUMBERS, SHAPE_WORDS, captions_for
-from qshift.world.render import TRAIN_STYLES, render
+from qshift.world.render import TRAIN_STYLES, render, save_png
 from qshift.world.scene import CELLS, COLORS, SHAPES, SIZES, TEXTURES, Obj, Scene, relation, sample_scene, scene_rng
 
 # scene index ranges of the protocols, far from the world's own splits (< 10⁶)
@@ -89,20 +86,6 @@ def parse_spec(spec: str) -> Spec:
     return Spec(kind, split, gallery, instances)
 
 
-def _write_png(path: Path, arr: np.ndarray) -> None:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
-    # a temporary name of its own: two processes rendering the same set must not share one
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.getvalue())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _lighting(arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     x = arr.astype(np.float32) / 255.0
     x = (x - 0.5) * rng.uniform(0.75, 1.25) + 0.5 + rng.uniform(-0.12, 0.12)   # contrast, brightness
@@ -142,7 +125,7 @@ def _entry(root: Path, rel: str, scene: Scene, style: str, rng: np.random.Genera
     path = root / rel
     if not path.is_file():
         arr = render(scene, style, rng, size)
-        _write_png(path, post(arr) if post else arr)
+        save_png(path, post(arr) if post else arr)
     return rel, captions_for(scene, seed, split, index % 1_000_000, 1)[0]
 
 

@@ -11,13 +11,16 @@ Held-out style: ``pixel`` (16-colour pixel art), never seen in training.
 
 from __future__ import annotations
 
+import io
 import math
 from functools import lru_cache
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from qshift.io import write_bytes
 from qshift.world.scene import COLORS, SIZES, Obj, Scene
 
 RGB = np.ndarray
@@ -243,3 +246,12 @@ def render(scene: Scene, style: str, rng: np.random.Generator, size: int = 64) -
     """The scene as a ``size``×``size`` RGB uint8 array in ``style``."""
     img = STYLES[style](scene, rng, size)
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def save_png(path: Path, arr: RGB) -> None:
+    """Write a rendered image as PNG, atomically (a temporary file of its own, so two
+    processes rendering the same set do not rename each other's files away); not fsync'ed:
+    a lost image is rendered again."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    write_bytes(path, buf.getvalue(), fsync=False)
