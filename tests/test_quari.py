@@ -211,6 +211,41 @@ def test_static_rank_appends_a_static_part_of_its_own_rank(tmp_path):
     assert trained.cfg.static_rank == 6 and trained.base_u.shape == (6, 16) and trained.base_u.abs().max() > 1e-3
 
 
+def test_static_init_fits_the_static_part_as_a_ta_map_first(tmp_path):
+    """static_init_epochs: stage 1 sets U₀, V₀ to the rank-r₀ TA map fitted on the training
+    targets (I + a·U₀ᵀV₀ = train_ta's map), the held-out check scores it as epoch 0, and a
+    model that is not static_rank is refused."""
+    from qshift.quari.train import train_ta
+
+    rng = np.random.default_rng(0)
+    qs, t, tof = _toy(rng)
+    kw = dict(dim=16, rank=2, hidden=32, layers=1, heads=2, steps=2, identity_init=True, query_residual=1.0,
+              tied_query=True, static_base=True, static_rank=6)
+    base = dict(epochs=1, batch_size=50, lr=1e-9, lr_min=1e-10, n_neighbors=10, semi_positives=False, noise=False)
+    train_quari(qs, t, tof, QuARIConfig(**kw), QuARITrainConfig(**base, val_fraction=0, static_init_epochs=20),
+                tmp_path / "run", progress=False)
+    model = load_quari(tmp_path / "run")[0]
+    ta = train_ta(qs, t, tof, epochs=20, batch_size=50, temperature=0.07, rank=6)
+    with torch.no_grad():
+        static = (torch.eye(16) + 0.8 * model.base_u.T @ model.base_v).numpy()
+    assert np.abs(ta - np.eye(16)).max() > 0.05 and np.allclose(static, ta, atol=1e-4)
+    log = read_json(tmp_path / "run" / "quari.json")["log"]
+    assert log[0]["epoch"] == 0 and log[0]["stage"] == "static" and log[1]["epoch"] == 1
+    # with a held-out split, stage 1 is epoch 0 of the best-epoch choice and is trained without it
+    train_quari(qs, t, tof, QuARIConfig(**kw), QuARITrainConfig(**base, val_fraction=0.2, static_init_epochs=20),
+                tmp_path / "held", progress=False)
+    meta = read_json(tmp_path / "held" / "quari.json")
+    assert "val_r1" in meta["log"][0] and meta["held_out"]["val_r1"] >= meta["log"][0]["val_r1"]
+    assert meta["log"][0]["val_r1"] > meta["held_out"]["val_r1_zero_shot"]
+    assert not np.allclose((torch.eye(16) + 0.8 * load_quari(tmp_path / "held")[0].base_u.T
+                            @ load_quari(tmp_path / "held")[0].base_v).detach().numpy(), ta, atol=1e-4)
+    with pytest.raises(InputError, match="static_init_epochs needs"):
+        train_quari(qs, t, tof, QuARIConfig(**{**kw, "static_rank": 0}),
+                    QuARITrainConfig(**base, static_init_epochs=2), tmp_path / "no", progress=False)
+    with pytest.raises(InputError, match="static_init_epochs"):
+        QuARITrainConfig(static_init_epochs=-1)
+
+
 def test_learning_rate_warms_up_then_follows_the_cosine():
     from qshift.quari.train import learning_rate
 

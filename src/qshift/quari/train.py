@@ -87,6 +87,7 @@ class QuARITrainConfig:
     column_loss: bool = True     # the − log q_ji half of Eq. 10 (off: query-side softmax only; reconstruction)
     warmup_steps: int = 0        # linear warm-up before the cosine schedule (reconstruction)
     static_lr_scale: float = 1.0  # static_base's U₀, V₀ learn at lr × this (reconstruction)
+    static_init_epochs: int = 0  # > 0: stage 1 fits U₀, V₀ alone as a TA map first (reconstruction)
     val_fraction: float = 0.1
     seed: int = 0
 
@@ -102,6 +103,8 @@ class QuARITrainConfig:
             raise InputError(f"quari train: static_lr_scale must be > 0, got {self.static_lr_scale}")
         if self.warmup_steps < 0:
             raise InputError(f"quari train: warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.static_init_epochs < 0:
+            raise InputError(f"quari train: static_init_epochs must be >= 0, got {self.static_init_epochs}")
         if not 0 <= self.val_fraction <= 0.5:
             raise InputError(f"quari train: val_fraction must be in [0, 0.5], got {self.val_fraction}")
 
@@ -269,6 +272,9 @@ def train_quari(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray,
     out_dir = Path(out_dir)
     if cfg.static_lr_scale != 1 and not model_cfg.static_base:
         raise InputError("quari train: static_lr_scale needs the model's static_base (U₀, V₀)")
+    if cfg.static_init_epochs and not model_cfg.static_rank:
+        raise InputError("quari train: static_init_epochs needs the model's static_rank (U₀, V₀ appended, with "
+                         "identity_init: only then is the model at the start of stage 2 the static map alone)")
     out_dir.mkdir(parents=True, exist_ok=True)
     if negatives is not None and (negatives.ndim != 2 or negatives.shape[1] != targets.shape[1]):
         raise InputError(f"quari: negatives must be an N × {targets.shape[1]} array, got shape {negatives.shape}")
@@ -323,6 +329,15 @@ def train_quari(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray,
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         start, log, best = st["epoch"], st["log"], st.get("best")
+    if cfg.static_init_epochs and start == 0:                              # stage 1: U₀, V₀ as a TA map
+        t0 = time.perf_counter()
+        fit_static(model, queries, targets, target_of, usable, cfg, groups)
+        entry = {"epoch": 0, "stage": "static", "seconds": time.perf_counter() - t0}
+        if val_qi is not None:
+            entry["val_r1"] = held_out_r1(model, val_q, val_d, val_pos, val_g)
+            best = {"epoch": 0, "val_r1": entry["val_r1"],
+                    "model": {k: v.clone() for k, v in model.state_dict().items()}}
+        log.append(entry)
     step = start * steps_per_epoch
     for epoch in range(start, cfg.epochs):
         rng = np.random.default_rng([cfg.seed, epoch])
@@ -380,6 +395,20 @@ def train_quari(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray,
     return result
 
 
+def fit_static(model: QuARI, queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray,
+               usable: np.ndarray, cfg: QuARITrainConfig, groups: np.ndarray | None = None) -> None:
+    """Stage 1 of ``static_init_epochs``: U₀, V₀ of a ``static_rank`` model set to the rank-r₀
+    TA map I + AᵀB fitted on the training targets ``usable`` (U₀ = A / a, V₀ = B, so that
+    T₀ = I + a·U₀ᵀV₀ is that map)."""
+    keep = np.isin(target_of, usable)
+    left, right = ta_factors(queries[keep], targets, target_of[keep], model.cfg.static_rank,
+                             epochs=cfg.static_init_epochs, batch_size=cfg.batch_size,
+                             temperature=cfg.temperature, seed=cfg.seed, groups=groups)
+    with torch.no_grad():
+        model.base_u.copy_(left / model.cfg.anchor)
+        model.base_v.copy_(right)
+
+
 def project(x: np.ndarray, p: np.ndarray) -> np.ndarray:
     """Rows of ``x`` mapped by the TA projection P and renormalised."""
     from qshift.retrieval import normalize_rows
@@ -428,17 +457,38 @@ def train_ta(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray, ep
     (batches as QuARI's: one target per group). ``rank`` r: P = I + AᵀB with A, B ∈ R^{r×E}
     (A zero at the start, so P = I), the static map of the form QuARI's T = I + UᵀV takes."""
     check_pairs(queries, targets, target_of, groups)
-    torch.manual_seed(seed)
     e = queries.shape[1]
-    if rank is not None and not 1 <= rank <= e:
+    if rank is not None:
+        left, right = ta_factors(queries, targets, target_of, rank, epochs, batch_size, lr, temperature, seed,
+                                 progress, groups)
+        return (torch.eye(e) + left.T @ right).numpy()
+    torch.manual_seed(seed)
+    full = torch.nn.Parameter(torch.eye(e))
+    _fit_ta([full], lambda: full, queries, targets, target_of, epochs, batch_size, lr, temperature, seed,
+            progress, groups)
+    return full.detach().numpy()
+
+
+def ta_factors(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray, rank: int, epochs: int = 10,
+               batch_size: int = 320, lr: float = 1e-3, temperature: float = 0.07, seed: int = 0,
+               progress: bool = False, groups: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank-``rank`` TA map P = I + AᵀB as its factors (A, B), each rank × E."""
+    check_pairs(queries, targets, target_of, groups)
+    e = queries.shape[1]
+    if not 1 <= rank <= e:
         raise InputError(f"quari ta: rank must be in [1, {e}], got {rank}")
-    if rank is None:
-        full = torch.nn.Parameter(torch.eye(e))
-        params, weight = [full], lambda: full  # noqa: E731
-    else:
-        left = torch.nn.Parameter(torch.zeros(rank, e))
-        right = torch.nn.Parameter(torch.randn(rank, e) / math.sqrt(e))
-        params, weight = [left, right], lambda: torch.eye(e) + left.T @ right  # noqa: E731
+    torch.manual_seed(seed)
+    left = torch.nn.Parameter(torch.zeros(rank, e))
+    right = torch.nn.Parameter(torch.randn(rank, e) / math.sqrt(e))
+    _fit_ta([left, right], lambda: torch.eye(e) + left.T @ right, queries, targets, target_of, epochs, batch_size,
+            lr, temperature, seed, progress, groups)
+    return left.detach(), right.detach()
+
+
+def _fit_ta(params: list, weight, queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray, epochs: int,
+            batch_size: int, lr: float, temperature: float, seed: int, progress: bool,
+            groups: np.ndarray | None) -> None:
+    """TA's loop: ``weight()`` (the map P from ``params``) trained with the symmetric InfoNCE."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     qt, dt = torch.from_numpy(queries.astype(np.float32)), torch.from_numpy(targets.astype(np.float32))
     by_target, usable = queries_by_target(target_of, len(targets))
@@ -459,7 +509,6 @@ def train_ta(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray, ep
                 loss.backward()
                 opt.step()
             bar.advance(1)
-    return weight().detach().numpy()
 
 
 def describe(path: Path) -> str:
