@@ -63,6 +63,9 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
                                           "(reconstruction)."),
           static_lr_scale: float = typer.Option(1.0, help="With --static-base: U₀, V₀ learn at lr × this "
                                                 "(reconstruction)."),
+          static_init_epochs: int = typer.Option(0, help="With --static-rank: first fit U₀, V₀ alone as the "
+                                                 "rank-r₀ TA map for this many epochs, then train everything "
+                                                 "(reconstruction)."),
           warmup_steps: int = typer.Option(0, help="Linear warm-up steps before the cosine schedule."),
           ta: Optional[Path] = typer.Option(None, help="Train on features projected by this TA map (TA + QuARI)."),
           val_fraction: float = typer.Option(0.1, help="Share of targets held out (≤ 1,000) to pick the best epoch."),
@@ -84,8 +87,8 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
                        static_rank=static_rank)
     tcfg = QuARITrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, noise=noise,
                             semi_positives=semi_positives, hard_negatives=hard_negatives, column_loss=column_loss,
-                            warmup_steps=warmup_steps, static_lr_scale=static_lr_scale, val_fraction=val_fraction,
-                            seed=seed)
+                            warmup_steps=warmup_steps, static_lr_scale=static_lr_scale,
+                            static_init_epochs=static_init_epochs, val_fraction=val_fraction, seed=seed)
     res = train_quari(q, t, tof, mcfg, tcfg, out_dir, backbone=enc.fingerprint(), progress=not as_json,
                       projection=None if ta is None else load_ta(ta), groups=groups, negatives=pool)
     if as_json:
