@@ -63,7 +63,9 @@ of at the backbone's ranking), and make the difference switchable:
   only the r predicted rows per query (``static_map``), so r₀ costs nothing per candidate.
   With r₀ = 128 (val-10k's pick: 31.8 against 31.2 without): World-ILIAS test 31.57 ± 0.36
   mAP@1k on 10k (zero-shot 27.89, 3 seeds; without r₀ 30.19 ± 0.56) and 14.46 ± 0.18 on 100k
-  (zero-shot 13.56) — still short of TA's 43.5 / 26.8.
+  (zero-shot 13.56) — still short of TA's 43.5 / 26.8. With the static part fitted as TA first
+  (:class:`~qshift.quari.train.QuARITrainConfig` ``static_init_epochs``): 40.14 ± 0.16 and
+  23.37 ± 0.21, nearly all of it from the static part (alone 40.13 / 23.33).
 * The control token is updated residually like the U/V tokens; U/V tokens are dropped
   at random (``token_dropout``, 5 %, as in the code) while training.
 
