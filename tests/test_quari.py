@@ -489,8 +489,8 @@ def test_cli_train_ta_and_quari_from_store(image_collection, tmp_path):
     r = run("quari", "train", image_collection, "-o", tmp_path / "q3", *small, "--query-residual", "1.5", *common)
     assert r.exit_code != 0 and "query_residual must be in [0, 1]" in r.output
     r = run("quari", "train", image_collection, "-o", tmp_path / "q4", *small, "--identity-init", "--no-column-loss",
-            "--tied-query", "--static-base", "--static-rank", 3, "--static-lr-scale", 4, "--warmup-steps", 3, "--static-init-epochs", 2,
-            *common)
+            "--tied-query", "--static-base", "--static-rank", 3, "--static-lr-scale", 4, "--warmup-steps", 3,
+            "--static-init-epochs", 2, *common)
     assert r.exit_code == 0, r.output
     assert load_quari(tmp_path / "q4")[0].cfg.identity_init and load_quari(tmp_path / "q4")[0].cfg.tied_query
     assert load_quari(tmp_path / "q4")[0].cfg.static_base and load_quari(tmp_path / "q4")[0].cfg.static_rank == 3
