@@ -338,6 +338,17 @@ def train_quari(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray,
     total = steps_per_epoch * cfg.epochs
     sigma = cfg.noise_std if cfg.noise_std is not None else 1.0 / math.sqrt(model_cfg.dim)
     state_path, log, start, best = out_dir / "state.pt", [], 0, None
+
+    def held_out_check(entry: dict) -> None:
+        """Score the model on the held-out targets into ``entry``; keep its weights if best so far."""
+        nonlocal best
+        if val_qi is None:
+            return
+        entry["val_r1"] = held_out_r1(model, val_q, val_d, val_pos, val_g)
+        if best is None or entry["val_r1"] > best["val_r1"]:
+            best = {"epoch": entry["epoch"], "val_r1": entry["val_r1"],
+                    "model": {k: v.clone() for k, v in model.state_dict().items()}}
+
     if state_path.is_file():
         st = torch.load(state_path, weights_only=False)
         model.load_state_dict(st["model"])
@@ -347,10 +358,7 @@ def train_quari(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray,
         t0 = time.perf_counter()
         fit_static(model, queries, targets, target_of, usable, cfg, groups)
         entry = {"epoch": 0, "stage": "static", "seconds": time.perf_counter() - t0}
-        if val_qi is not None:
-            entry["val_r1"] = held_out_r1(model, val_q, val_d, val_pos, val_g)
-            best = {"epoch": 0, "val_r1": entry["val_r1"],
-                    "model": {k: v.clone() for k, v in model.state_dict().items()}}
+        held_out_check(entry)
         log.append(entry)
     step = start * steps_per_epoch
     for epoch in range(start, cfg.epochs):
@@ -386,11 +394,7 @@ def train_quari(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray,
                 step += 1
                 bar.advance(1)
         entry = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0}
-        if val_qi is not None:
-            entry["val_r1"] = held_out_r1(model, val_q, val_d, val_pos, val_g)
-            if best is None or entry["val_r1"] > best["val_r1"]:
-                best = {"epoch": epoch + 1, "val_r1": entry["val_r1"],
-                        "model": {k: v.clone() for k, v in model.state_dict().items()}}
+        held_out_check(entry)
         log.append(entry)
         with atomic_path(state_path) as tmp:
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "log": log,
@@ -470,12 +474,12 @@ def train_ta(queries: np.ndarray, targets: np.ndarray, target_of: np.ndarray, ep
     """The static task-adaptation baseline: one linear map P for queries and gallery
     (batches as QuARI's: one target per group). ``rank`` r: P = I + AᵀB with A, B ∈ R^{r×E}
     (A zero at the start, so P = I), the static map of the form QuARI's T = I + UᵀV takes."""
-    check_pairs(queries, targets, target_of, groups)
     e = queries.shape[1]
-    if rank is not None:
+    if rank is not None:                                        # ta_factors checks the pairs
         left, right = ta_factors(queries, targets, target_of, rank, epochs, batch_size, lr, temperature, seed,
                                  progress, groups)
         return (torch.eye(e) + left.T @ right).numpy()
+    check_pairs(queries, targets, target_of, groups)
     torch.manual_seed(seed)
     full = torch.nn.Parameter(torch.eye(e))
     _fit_ta([full], lambda: full, queries, targets, target_of, epochs, batch_size, lr, temperature, seed,
