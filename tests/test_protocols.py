@@ -137,6 +137,25 @@ def test_more_instances_extend_the_same_set(tmp_path):
     assert load_collection(Path(big.source)).captions[:18] == small.captions
 
 
+def test_inquire_set_built_before_a_template_was_added_is_rebuilt(tmp_path):
+    """A cached World-INQUIRE set records its split's template names; when the templates
+    change (val grew from one template to three), the set is rebuilt, not read with the old
+    queries."""
+    from qshift.io import write_json
+    from qshift.world.protocols import protocol_collection, split_templates
+
+    assert split_templates("val") == ["color_position", "size_color", "size_shape"]
+    fresh = protocol_collection("world-inquire:val-300", root=tmp_path).meta["protocol"]
+    assert fresh["template_set"] == split_templates("val") and len(fresh["templates"]) >= 2
+    meta = tmp_path / "inquire-val-300.protocol.json"
+    old = {k: v for k, v in fresh.items() if k != "template_set"}
+    write_json(meta, {**old, "queries": [q for q in old["queries"] if q["template"] == "size_shape"]})
+    again = protocol_collection("world-inquire:val-300", root=tmp_path).meta["protocol"]
+    assert again["queries"] == fresh["queries"]
+    write_json(meta, {**fresh, "queries": fresh["queries"][:1]})  # current: read as it is
+    assert len(protocol_collection("world-inquire:val-300", root=tmp_path).meta["protocol"]["queries"]) == 1
+
+
 def _stage_cache(root, tmp_path, monkeypatch) -> None:
     """Make world-ilias:test-150 resolve in $QSHIFT_CACHE/world-protocols to the small build."""
     import shutil

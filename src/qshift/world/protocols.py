@@ -208,6 +208,12 @@ TEMPLATES: dict[str, tuple[str, Callable[[], list], Callable[..., str], Callable
     "size_shape": ("val", lambda: [(z, s) for z in SIZES for s in SHAPES],
                    lambda z, s: f"a {'medium-sized' if z == 'medium' else z} {_word(SHAPE_WORDS, s)}",
                    lambda sc, z, s: any(o.size == z and o.shape == s for o in sc.objects)),
+    "size_color": ("val", lambda: [(z, c) for z in SIZES for c in COLORS],
+                   lambda z, c: f"a {'medium-sized' if z == 'medium' else z} {_word(COLOR_WORDS, c)} object",
+                   lambda sc, z, c: any(o.size == z and o.color == c for o in sc.objects)),
+    "color_position": ("val", lambda: [(c, cell) for c in COLORS for cell in range(9)],
+                       lambda c, cell: f"a {_word(COLOR_WORDS, c)} object {CELL_WORDS[CELLS[cell]][0]}",
+                       lambda sc, c, cell: any(o.color == c and o.cell == cell for o in sc.objects)),
     "count_shape": ("test", lambda: [(n, s) for n in (2, 3, 4) for s in SHAPES],
                     lambda n, s: f"{NUMBERS[n]} {_plural(s)}",
                     lambda sc, n, s: sum(o.shape == s for o in sc.objects) == n),
@@ -249,7 +255,14 @@ def build_inquire(root: Path, split: str, gallery: int | None = None, *, seed: i
     if not queries:
         raise InputError(f"world-inquire {split}: no query has {min_relevant}+ relevant images in {gallery}")
     return _save(root, name, rows, {"kind": "inquire", "split": split, "queries": queries, "seed": seed,
-                                    "templates": sorted({q["template"] for q in queries})})
+                                    "templates": sorted({q["template"] for q in queries}),
+                                    "template_set": split_templates(split)})
+
+
+def split_templates(split: str) -> list[str]:
+    """The names of the World-INQUIRE templates of ``split`` (a protocol file records them, so
+    that a set built before a template was added is rebuilt, not read with the old queries)."""
+    return sorted(n for n, t in TEMPLATES.items() if t[0] == split)
 
 
 # the direction each protocol is searched (and trained) in
@@ -302,7 +315,9 @@ def protocol_collection(spec: str, root: Path | None = None, progress: bool = Fa
     size = gallery or ((instances or SPLIT_SIZES[kind][split]) * (5 if kind == "ilias" else 1))
     name = f"{kind}-{split}-{size}" + (f"-i{instances}" if instances else "")
     csv_path, meta_path = root / f"{name}.csv", root / f"{name}.protocol.json"
-    if not (csv_path.is_file() and meta_path.is_file()):
+    stale = (kind == "inquire" and meta_path.is_file()
+             and read_json(meta_path).get("template_set") != split_templates(split))
+    if stale or not (csv_path.is_file() and meta_path.is_file()):
         if kind == "ilias":
             csv_path = build_ilias(root, split, size, instances=instances, progress=progress)
         else:
