@@ -121,11 +121,12 @@ def _metrics(scores: np.ndarray, qrels, k_map: int = 10) -> dict[str, float]:
 
 
 def _protocol_testbed(name: str, encoder: str | None, store, train_instances: int | None = None,
-                      captions: bool = False):
+                      train_set: str = "protocol"):
     """World-ILIAS (i2i) or World-INQUIRE (t2i): train split's pairs (World-ILIAS: of
-    ``train_instances`` instances, default 2,000; World-INQUIRE with ``captions``: the world's
-    train split of caption–image pairs instead of the train templates' queries, as the paper
-    trains on generic caption data), test split's task."""
+    ``train_instances`` instances, default 2,000; World-INQUIRE with ``train_set`` "captions":
+    the world's train split of caption–image pairs instead of the train templates' queries, as
+    the paper trains on generic caption data; "clauses": those captions and their clauses,
+    :func:`qshift.quari.data.clause_collection`), test split's task."""
     from qshift.encoders import create_encoder
     from qshift.quari.data import protocol_negatives, protocol_pairs, training_pairs
     from qshift.retrieval import build_task
@@ -141,20 +142,25 @@ def _protocol_testbed(name: str, encoder: str | None, store, train_instances: in
                  "world-inquire-val": "world-inquire:val"}[name]
     if train_instances and kind != "ilias":
         raise SystemExit("--train-instances: world-ilias testbeds only")
+    captions = train_set != "protocol"
     if captions and kind != "inquire":
-        raise SystemExit("--train-set captions: world-inquire testbeds only")
+        raise SystemExit(f"--train-set {train_set}: world-inquire testbeds only")
     if captions:
         from qshift.data.collection import load_collection
+        from qshift.quari.data import clause_collection
         from qshift.world import world_collection
 
         train = load_collection(world_collection("train"))
+        if train_set == "clauses":
+            train = clause_collection(train)
         pairs = (*training_pairs(train, enc, "t2i", store), None, None)
     else:
         train = protocol_collection(f"world-{kind}:train{instances_tag(train_instances)}", progress=True)
         pairs = (*protocol_pairs(train, enc, store), protocol_negatives(train, enc, store))
     test = protocol_collection(test_spec, progress=True)
     task = build_task(test, enc, direction, store)
-    what = ("caption–image pairs, no template query" if captions else
+    what = (("caption–image pairs" if train_set == "captions" else "captions and their clauses → image")
+            + ", no template query" if captions else
             f"{len({i for i in train.meta['protocol']['instance'] if i >= 0})} instances"
             if kind == "ilias" else f"{len(train.meta['protocol']['queries'])} queries of templates "
             f"{', '.join(train.meta['protocol']['templates'])}")
@@ -166,7 +172,7 @@ def _protocol_testbed(name: str, encoder: str | None, store, train_instances: in
     return enc, pairs, task, desc
 
 
-def _testbed(name: str, encoder: str | None, train_instances: int | None = None, captions: bool = False):
+def _testbed(name: str, encoder: str | None, train_instances: int | None = None, train_set: str = "protocol"):
     """(encoder, train pairs, test task, description)."""
     from qshift.data.collection import load_collection
     from qshift.encoders import create_encoder
@@ -177,8 +183,8 @@ def _testbed(name: str, encoder: str | None, train_instances: int | None = None,
 
     store = EmbeddingStore(cache_dir() / "store")
     if name in K_MAP:
-        return _protocol_testbed(name, encoder, store, train_instances, captions)
-    if train_instances or captions:
+        return _protocol_testbed(name, encoder, store, train_instances, train_set)
+    if train_instances or train_set != "protocol":
         raise SystemExit("--train-instances / --train-set: protocol testbeds only")
     if name.startswith("world"):
         from qshift.world import world_collection
@@ -311,10 +317,13 @@ def budget_tag(epochs: int, lr: float = LR, batch: int = BATCH, ta_epochs: int |
             + ta_tag(epochs, ta_epochs))
 
 
-def instances_tag(train_instances: int | None, captions: bool = False) -> str:
+def instances_tag(train_instances: int | None, train_set: str = "protocol") -> str:
     """-i20000 when World-ILIAS trains on another number of instances than its 2,000; -capt
-    when World-INQUIRE trains on the world's caption pairs."""
-    return (f"-i{train_instances}" if train_instances else "") + ("-capt" if captions else "")
+    when World-INQUIRE trains on the world's caption pairs, -clauses on them and their clauses."""
+    return (f"-i{train_instances}" if train_instances else "") + TRAIN_SET_TAGS[train_set]
+
+
+TRAIN_SET_TAGS = {"protocol": "", "captions": "-capt", "clauses": "-clauses"}
 
 
 def ta_tag(epochs: int, ta_epochs: int | None) -> str:
@@ -325,13 +334,13 @@ def ta_tag(epochs: int, ta_epochs: int | None) -> str:
 def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[int], lr: float = LR,
                    batch: int = BATCH, variants: list[str] | None = None, model: dict | None = None,
                    train: dict | None = None, ta_epochs: int | None = None,
-                   train_instances: int | None = None, captions: bool = False) -> dict:
+                   train_instances: int | None = None, train_set: str = "protocol") -> dict:
     """Every method (or ``variants`` of QuARI only) over ``seeds`` training seeds: mean metrics,
     and the headline metric per seed with the ablations' paired differences to full QuARI
     (the seed spread decides what is a gap)."""
-    enc, pairs, task, desc = _testbed(testbed, encoder, train_instances, captions)
+    enc, pairs, task, desc = _testbed(testbed, encoder, train_instances, train_set)
     run_dir = RUNS / (f"quari-{TRAIN_SET.get(testbed, testbed)}{encoder_tag(testbed, encoder)}"
-                      + instances_tag(train_instances, captions))
+                      + instances_tag(train_instances, train_set))
     if testbed in K_MAP:                    # one folder per budget (the val testbeds compare them)
         run_dir = run_dir.with_name(run_dir.name + budget_tag(epochs, lr, batch, ta_epochs)
                                     + model_tag({**(model or {}), **(train or {})}))
@@ -351,7 +360,7 @@ def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[i
              if "w/o" in k and k in per and ablation_reference(k) in per}
     out = {"testbed": desc, "model": {**MODEL, **(model or {})}, "model_overrides": model or {},
            "train_overrides": train or {}, "epochs": epochs, "ta_epochs": ta_epochs or epochs, "lr": lr,
-           "train_instances": train_instances, "train_set": "captions" if captions else "protocol",
+           "train_instances": train_instances, "train_set": train_set,
            "batch_size": batch, "seeds": seeds,
            "metric": head, "rows": rows, "per_seed": per, "sd": {k: sd(v) for k, v in per.items()},
            "train_seconds": per_seed[0][1],
@@ -556,8 +565,9 @@ NOTES = {
     "world-ilias-val-10k": "Validation at the test gallery's size: world-ilias-val's 300 instances and "
                            "checkpoints among 10k gallery images (random scenes fill the gallery) — does a "
                            "setting's val gain survive a gallery as large as the test's?",
-    "world-inquire-val": "Validation (the val template, sizes, never trained on; 4k gallery): picks the epoch "
-                         "budget.",
+    "world-inquire-val": "Validation (the val templates — sizes, size and colour, colour and position — never "
+                         "trained on and none of them a test template; 4k gallery): picks the epoch budget and "
+                         "the settings. (Until 2026-12-07 val held the size template alone, 24 queries.)",
     "world-inquire": "Many-positive text queries (QuARI's INQUIRE setting on the world): relevant sets come "
                      "from the scene graphs. QuARI and TA learn from the train templates' queries and their "
                      "relevant train-gallery images (at most 64 per query) and are tested on templates they "
@@ -607,7 +617,7 @@ def render_md(data: dict) -> str:
                + (f" --batch {a['batch_size']}" if a.get("batch_size", BATCH) != BATCH else "")
                + (f" --ta-epochs {a['ta_epochs']}" if a.get("ta_epochs", a["epochs"]) != a["epochs"] else "")
                + (f" --train-instances {a['train_instances']}" if a.get("train_instances") else "")
-               + (" --train-set captions" if a.get("train_set") == "captions" else "")
+               + (f" --train-set {a['train_set']}" if a.get("train_set", "protocol") != "protocol" else "")
                + (f" --variants \"{','.join(m for m in ALL_VARIANTS if m in a['rows'])}\""
                   if set(VARIANTS) ^ (set(a["rows"]) & set(ALL_VARIANTS)) else "")
                + f"` (hypernetwork {dict(sorted(a['model'].items()))}, batch {a.get('batch_size')}, "
@@ -746,12 +756,13 @@ def main() -> None:
     ap.add_argument("--ta-rank", type=int, help="ta-budget: TA restricted to P = I + AᵀB of this rank")
     ap.add_argument("--train-instances", type=int,
                     help="World-ILIAS training instances (default 2,000; world-ilias:train-iN, a superset)")
-    ap.add_argument("--train-set", choices=["protocol", "captions"], default="protocol",
-                    help="World-INQUIRE: train on the train templates' queries (protocol) or on the world's "
-                         "caption-image pairs (captions, as the paper trains on generic caption data)")
+    ap.add_argument("--train-set", choices=list(TRAIN_SET_TAGS), default="protocol",
+                    help="World-INQUIRE: train on the train templates' queries (protocol), on the world's "
+                         "caption-image pairs (captions, as the paper trains on generic caption data) or on "
+                         "those captions and their clauses (clauses: short partial descriptions)")
     args = ap.parse_args()
     if args.train_set != "protocol" and args.what != "accuracy":
-        raise SystemExit(f"--train-set captions: accuracy only, not {args.what}")
+        raise SystemExit(f"--train-set {args.train_set}: accuracy only, not {args.what}")
     if args.ta_rank and args.what != "ta-budget":
         raise SystemExit(f"--ta-rank: ta-budget only, not {args.what}")
     if args.train_instances and args.what not in ("accuracy", "ta-budget"):
@@ -763,11 +774,11 @@ def main() -> None:
         model, train = parse_model(args.model), parse_model(args.train, train=True)
         key = (f"accuracy_{args.testbed}"
                + (tag if "-val" in args.testbed else ta_tag(args.epochs, ta_epochs))
-               + instances_tag(args.train_instances, args.train_set == "captions")
+               + instances_tag(args.train_instances, args.train_set)
                + encoder_tag(args.testbed, args.encoder) + model_tag({**model, **train}))
         part = bench_accuracy(args.testbed, args.encoder, args.epochs, seeds, args.lr, args.batch,
                               args.variants.split(",") if args.variants else None, model, train, ta_epochs,
-                              args.train_instances, args.train_set == "captions")
+                              args.train_instances, args.train_set)
         if args.no_write:
             print(json.dumps(part["per_seed"], indent=1))
             return

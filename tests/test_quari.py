@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -424,6 +426,28 @@ def test_t2t_targets_are_grouped_by_item():
     assert target_groups(coll, "t2t").tolist() == [0, 0, 0, 1, 1] and target_groups(coll, "t2i") is None
 
 
+def test_caption_clauses_are_short_queries_of_the_same_item():
+    from qshift.data.collection import Collection
+    from qshift.quari.data import caption_clauses, clause_collection
+
+    assert caption_clauses("A large red star to the left of a blue ring, and two small squares.") == [
+        "a large red star", "a blue ring", "two small squares"]
+    assert caption_clauses("a picture of four pink triangles") == ["four pink triangles"]
+    assert caption_clauses("a red star over a cross, next to a green star") == ["a red star", "a cross",
+                                                                               "a green star"]
+    assert caption_clauses("a dog and a dog") == ["a dog"]                      # distinct
+    assert caption_clauses("red, and a blue kite", min_words=2) == ["a blue kite"]
+    coll = Collection("c", ["a", "b"], [["a red star above a blue ring"], ["one green circle"]],
+                      source="c.csv", meta={"protocol": {"kind": "inquire"}, "x": 1})
+    cl = clause_collection(coll)
+    assert cl.ids == coll.ids and cl.captions == [["a red star above a blue ring", "a red star", "a blue ring"],
+                                                  ["one green circle"]]
+    assert cl.caption_item().tolist() == [0, 0, 0, 1]        # a clause is a query for its own item
+    assert cl.source == "" and cl.meta == {"x": 1}           # stored by content, not as the source file
+    only = clause_collection(coll, keep_captions=False)
+    assert only.captions == [["a red star", "a blue ring"], ["one green circle"]]  # one clause: the caption
+
+
 def test_bad_training_input(tmp_path):
     rng = np.random.default_rng(0)
     q, t, tof = _toy(rng, n=20)
@@ -478,6 +502,14 @@ def test_cli_train_ta_and_quari_from_store(image_collection, tmp_path):
             *common)
     assert r.exit_code == 0, r.output
     assert load_ta(tmp_path / "ta.safetensors").shape[0] == load_ta(tmp_path / "ta.safetensors").shape[1]
+    pairs = json.loads(r.stdout)["pairs"]
+    r = run("quari", "ta", image_collection, "-o", tmp_path / "ta-cl.safetensors", "--epochs", "1", "--clauses",
+            *common)                              # "one square that is red, picture 0" adds two clauses
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["pairs"] == 2 * pairs
+    r = run("quari", "ta", image_collection, "-o", tmp_path / "ta-x.safetensors", "--clauses", "--direction", "t2t",
+            *common)
+    assert r.exit_code != 0 and "--clauses splits the captions" in r.output
     small = ["--rank", "2", "--hidden", "16", "--layers", "1", "--heads", "2", "--steps", "2", "--epochs", "2",
              "--batch-size", "4"]
     r = run("quari", "train", image_collection, "-o", tmp_path / "q", *small, "--ta", tmp_path / "ta.safetensors",

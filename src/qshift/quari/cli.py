@@ -14,15 +14,25 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
                   help="QuARI: query-adaptive low-rank transforms (train, TA baseline).")
 DirectionOpt = typer.Option("t2i", help="t2i (caption → image) or t2t (caption → other captions' mean); "
                             "i2i for a world-ilias set (rendering → the instance's other renderings).")
+ClausesOpt = typer.Option(False, help="t2i: every caption's clauses ('a red star left of a ring' → 'a red star', "
+                          "'a ring') are queries for its image too — short partial queries like INQUIRE's "
+                          "(reconstruction).")
 
 
 def _pairs(collection: Path, encoder: str, direction: str, store: Optional[Path], fmt: str,
-           limit: Optional[int], captions_per_item: int, progress: bool, negatives: bool = False):
+           limit: Optional[int], captions_per_item: int, progress: bool, negatives: bool = False,
+           clauses: bool = False):
     """(encoder, (queries, targets, target_of), groups, a protocol set's negatives pool or None)."""
     from qshift.encoders import create_encoder
-    from qshift.quari.data import pairs_and_groups, protocol_negatives
+    from qshift.errors import InputError
+    from qshift.quari.data import clause_collection, pairs_and_groups, protocol_negatives
 
     coll = _collection(collection, fmt, limit, captions_per_item, None, "train")
+    if clauses:
+        if "protocol" in coll.meta or direction != "t2i":
+            raise InputError(f"{collection}: --clauses splits the captions of a caption collection for t2i "
+                             f"training, not {'a protocol set' if 'protocol' in coll.meta else direction}")
+        coll = clause_collection(coll)
     enc = create_encoder(encoder)
     *pairs, groups = pairs_and_groups(coll, enc, direction, _store(store), progress=progress)
     pool = (protocol_negatives(coll, enc, _store(store), progress=progress)
@@ -69,7 +79,7 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
           warmup_steps: int = typer.Option(0, help="Linear warm-up steps before the cosine schedule."),
           ta: Optional[Path] = typer.Option(None, help="Train on features projected by this TA map (TA + QuARI)."),
           val_fraction: float = typer.Option(0.1, help="Share of targets held out (≤ 1,000) to pick the best epoch."),
-          seed: int = typer.Option(0),
+          seed: int = typer.Option(0), clauses: bool = ClausesOpt,
           store: Optional[Path] = StoreOpt, fmt: str = FormatOpt, limit: Optional[int] = LimitOpt,
           captions_per_item: int = CaptionsPerItemOpt, as_json: bool = JsonOpt) -> None:
     """Train QuARI on (query, target) embedding pairs; re-running the same command resumes.
@@ -79,7 +89,7 @@ def train(collection: Path = typer.Argument(..., help="Training collection (file
     from qshift.quari import QuARIConfig, QuARITrainConfig, load_ta, train_quari
 
     enc, (q, t, tof), groups, pool = _pairs(collection, encoder, direction, store, fmt, limit, captions_per_item,
-                                            not as_json, negatives=hard_negatives > 0)
+                                            not as_json, negatives=hard_negatives > 0, clauses=clauses)
     mcfg = QuARIConfig(dim=q.shape[1], rank=rank, hidden=hidden, layers=layers, heads=heads, steps=steps,
                        one_step=one_step, anchor=anchor or None, query_residual=query_residual,
                        unit_query_head=unit_query_head, identity_init=identity_init,
@@ -108,7 +118,7 @@ def ta_(collection: Path = typer.Argument(..., help="Training collection (file o
         out_path: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
         direction: str = DirectionOpt,
         epochs: int = typer.Option(10), batch_size: int = typer.Option(320), lr: float = typer.Option(1e-3),
-        seed: int = typer.Option(0),
+        seed: int = typer.Option(0), clauses: bool = ClausesOpt,
         store: Optional[Path] = StoreOpt, fmt: str = FormatOpt, limit: Optional[int] = LimitOpt,
         captions_per_item: int = CaptionsPerItemOpt, as_json: bool = JsonOpt) -> None:
     """Train the static task-adaptation baseline (one linear map for queries and gallery).
@@ -118,7 +128,7 @@ def ta_(collection: Path = typer.Argument(..., help="Training collection (file o
     from qshift.quari import save_ta, train_ta
 
     enc, (q, t, tof), groups, _ = _pairs(collection, encoder, direction, store, fmt, limit, captions_per_item,
-                                         not as_json)
+                                         not as_json, clauses=clauses)
     p = train_ta(q, t, tof, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=not as_json,
                  groups=groups)
     save_ta(out_path, p, backbone=enc.fingerprint())

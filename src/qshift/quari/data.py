@@ -13,11 +13,16 @@
 * World-INQUIRE (``t2i``): a query with many relevant images gives one target per
   (query, relevant image), at most ``max_positives`` of them (sampled, seeded), grouped by
   query, so a batch holds each query once with one of its relevant images.
+* :func:`clause_collection`: a caption collection whose captions are split into clauses
+  (each clause a query for its item's image) — short partial descriptions like INQUIRE's
+  queries, from generic caption data.
 * :func:`protocol_negatives`: a World-ILIAS training set's near-duplicates and
   distractors, the pool of QuARI's optional hard negatives.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -28,6 +33,13 @@ from qshift.retrieval import normalize_rows
 from qshift.store import EmbeddingStore
 
 DIRECTIONS = ("t2i", "t2t")
+
+# clause boundaries of English captions: list punctuation, conjunctions and spatial relations
+_CONNECTIVE = (r"(?:and|with|among|beside|near|next to|(?:to the |on the )?(?:left|right) of|above|below|over|"
+               r"under|beneath|behind|in front of|higher than)")
+_CLAUSE_SPLIT = re.compile(rf"\s*[,;:]\s*(?:{_CONNECTIVE}\s+)?|\s+{_CONNECTIVE}\s+")
+_OPENER = re.compile(r"^(?:a (?:picture|photo|drawing|image) of|an image of|there (?:is|are)|a scene with|"
+                     r"this shows|we see|just)\s+")
 
 
 def training_pairs(collection: Collection, encoder: Encoder, direction: str, store: EmbeddingStore,
@@ -75,6 +87,39 @@ def pairs_and_groups(collection: Collection, encoder: Encoder, direction: str, s
                              f"{expected}, not {direction}")
         return protocol_pairs(collection, encoder, store, progress=progress)
     return (*training_pairs(collection, encoder, direction, store, progress), target_groups(collection, direction))
+
+
+def caption_clauses(caption: str, min_words: int = 2) -> list[str]:
+    """The clauses of one caption ("a red star left of a blue circle, and two squares" →
+    ["a red star", "a blue circle", "two squares"]), lower-cased, openers ("a picture of")
+    dropped, clauses shorter than ``min_words`` words left out; distinct, in order."""
+    out: list[str] = []
+    for part in _CLAUSE_SPLIT.split(caption.strip().rstrip(".").lower()):
+        part = _OPENER.sub("", part.strip())
+        if len(part.split()) >= min_words and part not in out:
+            out.append(part)
+    return out
+
+
+def clause_collection(collection: Collection, *, keep_captions: bool = True, min_words: int = 2) -> Collection:
+    """``collection`` with every caption split into its clauses (:func:`caption_clauses`),
+    each clause a caption of the same item, so that ``t2i`` pairs train a partial
+    description against its image.
+
+    Reconstruction (the QuARI paper trains on whole captions of generic caption data; its
+    INQUIRE queries name one or two attributes): a model trained on whole captions sees no
+    query as short as INQUIRE's, so this option derives short queries from the same
+    captions — no template, no query of the test set. A clause describes only part of its
+    image, so other images may match it too (false negatives in the batch); ``keep_captions``
+    keeps the whole captions beside their clauses. Captions of a single clause add nothing.
+    """
+    caps: list[list[str]] = []
+    for item_caps in collection.captions:
+        clauses = [c for cap in item_caps for c in caption_clauses(cap, min_words)]
+        keep = list(item_caps) if keep_captions else []
+        caps.append(list(dict.fromkeys(keep + [c for c in clauses if c not in keep])) or list(item_caps))
+    return Collection(f"{collection.name}-clauses", list(collection.ids), caps, collection.image_paths, "",
+                      {k: v for k, v in collection.meta.items() if k != "protocol"})
 
 
 def protocol_pairs(collection: Collection, encoder: Encoder, store: EmbeddingStore, *, max_positives: int = 64,
