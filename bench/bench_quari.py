@@ -598,7 +598,8 @@ ACCURACY = ("world", "world-pixel", "coco", "world-ilias-val", "world-ilias-val-
 
 def render_md(data: dict) -> str:
     md = ["# QuARI (issues 7, 21)", ""]
-    testbed_of = lambda k: re.sub(r"(-e\d+(-lr[^-]+)?(-b\d+)?)?(-ta\d+)?(-i\d+)?(-capt)?$", "",  # noqa: E731
+    sets = "|".join(re.escape(t) for t in TRAIN_SET_TAGS.values() if t)
+    testbed_of = lambda k: re.sub(rf"(-e\d+(-lr[^-]+)?(-b\d+)?)?(-ta\d+)?(-i\d+)?({sets})?$", "",  # noqa: E731
                                   k[len("accuracy_"):].split("@")[0].split("~")[0])
     keys = sorted((k for k in data if k.startswith("accuracy_")), key=lambda k: (ACCURACY.index(testbed_of(k)), k))
     for key in keys:
