@@ -44,6 +44,7 @@ import os
 import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,25 @@ def _metrics(scores: np.ndarray, qrels, k_map: int = 10) -> dict[str, float]:
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     top = np.take_along_axis(part, np.argsort(-np.take_along_axis(scores, part, 1), axis=1, kind="stable"), 1)
     return retrieval_metrics(top, qrels, ks=(1, 5, 10), k_map=k_map, full_ranks=first_positive_rank(scores, qrels))
+
+
+TEMPLATE_KEY = "template:"  # per-template headline metrics in a World-INQUIRE row: "template:position"
+
+
+def _scored(scores: np.ndarray, task, k_map: int) -> dict[str, float]:
+    """:func:`_metrics`, plus the headline mAP@k of every query template for a task whose
+    queries come from templates (World-INQUIRE): a mean over templates of very different
+    difficulty hides which kinds of query a method helps."""
+    from qshift.metrics import Qrels
+
+    out = _metrics(scores, task.qrels, k_map)
+    templates = np.asarray(task.meta.get("templates") or [])
+    q = task.qrels
+    for name in sorted(set(templates.tolist())):
+        rows = np.flatnonzero(templates == name)
+        sub = Qrels.from_lists([q.indices[q.indptr[r]:q.indptr[r + 1]] for r in rows])
+        out[TEMPLATE_KEY + name] = _metrics(scores[rows], sub, k_map)[f"mAP@{k_map}"]
+    return out
 
 
 def _protocol_testbed(name: str, encoder: str | None, store, train_instances: int | None = None,
@@ -246,9 +266,9 @@ def _accuracy_one_seed(enc, pairs, task, run_dir: Path, epochs: int, seed: int, 
     from qshift.quari import QuARIConfig, QuARITrainConfig, train_quari
     from qshift.quari.search import load_ta
 
-    (q, t, tof, groups, pool), positive = pairs, task.qrels
+    q, t, tof, groups, pool = pairs
     tail = "" if seed == 0 else f"-seed{seed}"
-    rows = {"zero-shot": _metrics(_pipeline_scores(enc, task, "zero-shot"), positive, k_map)}
+    rows = {"zero-shot": _scored(_pipeline_scores(enc, task, "zero-shot"), task, k_map)}
     ta_path = run_dir / f"ta{tail}.safetensors"
     if not ta_path.is_file():
         seconds = _train_ta_file(ta_path, enc, q, t, tof, groups, ta_epochs or epochs, batch, seed)
@@ -256,7 +276,7 @@ def _accuracy_one_seed(enc, pairs, task, run_dir: Path, epochs: int, seed: int, 
     timing = ta_path.with_suffix(".json")
     train_seconds = {"TA": read_json(timing)["train_seconds"] if timing.is_file() else float("nan")}
     p = load_ta(ta_path)
-    rows["TA"] = _metrics(_pipeline_scores(enc, task, {"name": "ta", "checkpoint": str(ta_path)}), positive, k_map)
+    rows["TA"] = _scored(_pipeline_scores(enc, task, {"name": "ta", "checkpoint": str(ta_path)}), task, k_map)
     for name, (m_over, t_over, on_ta) in ALL_VARIANTS.items():
         if name not in (VARIANTS if variants is None else variants):
             continue
@@ -269,12 +289,12 @@ def _accuracy_one_seed(enc, pairs, task, run_dir: Path, epochs: int, seed: int, 
             train_quari(q, t, tof, mcfg, tcfg, out, backbone=enc.fingerprint(), projection=p if on_ta else None,
                         groups=groups, negatives=pool)
         train_seconds[name] = sum(r["seconds"] for r in read_json(out / "quari.json")["log"])
-        rows[name] = _metrics(_pipeline_scores(enc, task, {"name": "quari", "checkpoint": str(out)}), positive, k_map)
+        rows[name] = _scored(_pipeline_scores(enc, task, {"name": "quari", "checkpoint": str(out)}), task, k_map)
         if name == "QuARI":
             rerank = {"name": "quari", "checkpoint": str(out), "mode": "rerank", "k": RERANK_K}
-            rows[RERANK_ROW] = _metrics(_pipeline_scores(enc, task, rerank), positive, k_map)
+            rows[RERANK_ROW] = _scored(_pipeline_scores(enc, task, rerank), task, k_map)
             if mcfg.static_base:
-                rows[STATIC_ROW] = _metrics(_static_part_scores(enc, task, out), positive, k_map)
+                rows[STATIC_ROW] = _scored(_static_part_scores(enc, task, out), task, k_map)
     return rows, train_seconds
 
 
@@ -364,6 +384,7 @@ def bench_accuracy(testbed: str, encoder: str | None, epochs: int, seeds: list[i
            "batch_size": batch, "seeds": seeds,
            "metric": head, "rows": rows, "per_seed": per, "sd": {k: sd(v) for k, v in per.items()},
            "train_seconds": per_seed[0][1],
+           "template_queries": dict(sorted(Counter(task.meta.get("templates") or []).items())),
            "quari_gain": rows["QuARI"][head] - rows["zero-shot"][head],
            "ablation_minus_full": {k: {"mean": float(d.mean()), "sd": sd(d)} for k, d in diffs.items()},
            "ablations_below_full": {k: bool(d.mean() < 0) for k, d in diffs.items()},
@@ -641,6 +662,12 @@ def render_md(data: dict) -> str:
                + ", ".join(f"{k}: {g['mean']:+.2f}" + (f" ± {g['sd']:.2f}" if len(seeds) > 1 else "")
                            for k, g in gaps.items()), "",
                NOTES[testbed], ""]
+        if a.get("template_queries"):
+            tq = a["template_queries"]
+            trows = [{"method": m, **{f"{t} ({n})": a["rows"][m].get(TEMPLATE_KEY + t, float("nan"))
+                                      for t, n in tq.items()}} for m in _ordered(a["rows"])]
+            md += [f"{head} per query template (queries), mean over seeds:", "",
+                   md_table(trows, list(trows[0]), {c: ".2f" for c in list(trows[0])[1:]}), ""]
         if "full_search" in a:
             fs = a["full_search"]
             md += [f"Full search with seed 0's QuARI over the {fs['gallery']:,}-image gallery ({fs['queries']} "
