@@ -415,6 +415,85 @@ def bench_ta_budget(testbed: str, encoder: str | None, budgets: list[int], seed:
             "best_epochs": best["epochs"], "train_instances": train_instances, "rank": rank}
 
 
+# the per-query linear scorer's grid (the best cell on test is the ceiling)
+PROBE_LRS, PROBE_TAUS, PROBE_STEPS = (1e-4, 1e-3, 1e-2), (0.02, 0.05, 0.1), (0, 30, 100, 300, 1000, 3000)
+
+
+def bench_inquire_ceiling(encoder: str | None, ta_epochs: int = 300, seed: int = 0, batch: int = BATCH) -> dict:
+    """What any linear scoring of the images could win on World-INQUIRE's test templates.
+
+    QuARI scores an image d by cos(q', T d) — for a given query, (Tᵀq')ᵀd up to the norm of
+    T d, a linear function of d; so does TA. Two oracle rows (they use the test templates'
+    labels, so they are ceilings, never methods): (1) a *linear scorer per test query*: a
+    free vector w started at the query's text embedding and trained with a listwise softmax
+    loss on that query's exact relevance over the **train** gallery (other scenes than the
+    test gallery's), scored on the test gallery as w·d; the best cell of an (lr, τ, steps)
+    grid, picked on the test queries themselves; (2) TA trained on the test templates'
+    queries against their relevant train-gallery images (at most 64 each). Where the scorer
+    stays near zero-shot, the embedding does not carry what the query asks for linearly, and
+    no linear transform can make it. The grid takes ~7 min on 2 cores."""
+    import torch
+
+    from qshift.encoders.base import IMAGE
+    from qshift.paths import cache_dir
+    from qshift.store import EmbeddingStore
+    from qshift.world.protocols import TEMPLATES, inquire_scenes, protocol_collection, template_relevance
+
+    enc, _, task, desc = _testbed("world-inquire", encoder)
+    k_map, head = _headline("world-inquire")
+    train = protocol_collection("world-inquire:train", progress=True)
+    x_train = EmbeddingStore(cache_dir() / "store").encode(enc, train, IMAGE).vectors
+    scenes = inquire_scenes("train", len(train.ids))
+    texts = list(task.query_texts or [])
+    relevant = dict(r for name in TEMPLATES if TEMPLATES[name][0] == "test"
+                    for r in template_relevance(name, scenes, min_relevant=1))
+    missing = [t for t in texts if t not in relevant]
+    if missing:
+        raise SystemExit(f"inquire-ceiling: no relevant train-gallery image for {missing[:3]}")
+    rows = {"zero-shot": _scored(_pipeline_scores(enc, task, "zero-shot"), task, k_map)}
+    # (1) one free scoring vector per test query, started at its text embedding (step 0 = zero-shot)
+    # and trained listwise on the train gallery (the softmax mass on the query's relevant images),
+    # over a grid of (lr, τ, steps); the best cell on the test queries is the ceiling (an oracle pick)
+    y = np.zeros((len(x_train), len(texts)), bool)
+    for i, t in enumerate(texts):
+        y[relevant[t], i] = True
+    x, mask, gallery = (torch.from_numpy(np.ascontiguousarray(a)) for a in (x_train, y, task.gallery))
+    grid = []
+    for lr in PROBE_LRS:
+        for tau in PROBE_TAUS:
+            w = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(task.queries)).clone())
+            opt = torch.optim.Adam([w], lr=lr)
+            done = 0
+            for steps in PROBE_STEPS:
+                for _ in range(steps - done):
+                    logits = (x @ w.T) / tau                                   # train gallery × queries
+                    loss = (torch.logsumexp(logits, 0) - torch.logsumexp(logits.masked_fill(~mask, -1e9), 0)).mean()
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                done = steps
+                with torch.no_grad():
+                    grid.append({"lr": lr, "tau": tau, "steps": steps,
+                                 **_scored((w @ gallery.T).numpy(), task, k_map)})
+    best = max(grid, key=lambda r: r[head])
+    rows[f"linear scorer per query, best of the grid (lr {best['lr']:g}, τ {best['tau']:g}, {best['steps']} steps; "
+         "oracle)"] = {k: v for k, v in best.items() if k not in ("lr", "tau", "steps")}
+    # (2) TA on the test templates' own queries over the train gallery
+    groups = np.concatenate([[i] * min(64, len(relevant[t])) for i, t in enumerate(texts)]).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    tgt = np.concatenate([np.sort(rng.choice(relevant[t], min(64, len(relevant[t])), replace=False))
+                          for t in texts])
+    q = enc.encode_text(texts)[groups]
+    path = RUNS / f"inquire-ceiling{encoder_tag('world-inquire', encoder)}" / f"ta-e{ta_epochs}-seed{seed}.safetensors"
+    seconds = _train_ta_file(path, enc, q, x_train[tgt], np.arange(len(tgt)), groups, ta_epochs, batch, seed)
+    rows["TA on the test templates (oracle)"] = {
+        **_scored(_pipeline_scores(enc, task, {"name": "ta", "checkpoint": str(path)}), task, k_map),
+        "train s": seconds}
+    return {"testbed": desc, "metric": head, "seed": seed, "ta_epochs": ta_epochs, "rows": rows,
+            "probe_grid": [{k: r[k] for k in ("lr", "tau", "steps", head)} for r in grid],
+            "template_queries": dict(sorted(Counter(task.meta.get("templates") or []).items()))}
+
+
 def bench_ta_anatomy(testbed: str, encoder: str | None, ta_epochs: int, seed: int = 0, batch: int = BATCH,
                      ranks: tuple[int, ...] = (32, 64), lams: tuple[float, ...] = (0.1, 0.5, 0.9)) -> dict:
     """What QuARI would have to express to match TA. QuARI scores cos(q', T d); TA is the
@@ -703,6 +782,26 @@ def render_md(data: dict) -> str:
                f"values {', '.join(f'{x:.1f}' for x in w['top_singular_values'])} (the anchored "
                "T = I + a·UᵀV/(‖U‖‖V‖) keeps ‖T − I‖_F ≤ a); share of its energy in the top r: "
                + ", ".join(f"r {r}: {e:.2f}" for r, e in w["energy_in_top_r"].items()) + ".", ""]
+    for key in sorted(k for k in data if k.startswith("inquire_ceiling")):
+        a, enc_flag = data[key], (f" --encoder {key.split('@', 1)[1]}" if "@" in key else "")
+        head, tq = a["metric"], a["template_queries"]
+        rows = [{"method": m, head: v[head], **{f"{t} ({n})": v.get(TEMPLATE_KEY + t, float("nan"))
+                                                for t, n in tq.items()}} for m, v in a["rows"].items()]
+        md += [f"## What a linear scoring could win on World-INQUIRE's test templates — {a['testbed']}", "",
+               f"`.venv/bin/python bench/bench_quari.py inquire-ceiling{enc_flag} --ta-epochs {a['ta_epochs']}` "
+               f"(seed {a['seed']}). Oracle rows use the test templates' labels on the *train* gallery (other "
+               "scenes); they are ceilings, not methods. For a given query QuARI's score cos(q', T d) is linear in "
+               "the image embedding d up to ‖T d‖, as TA's is; the per-query probe is the best linear scorer that "
+               "query's own labels find.", "",
+               md_table(rows, list(rows[0]), {c: ".2f" for c in list(rows[0])[1:]}), ""]
+        if a.get("probe_grid"):
+            g = a["probe_grid"]
+            cells = sorted({(r["lr"], r["tau"]) for r in g})
+            md += [f"The per-query scorer's grid ({head}; rows lr, τ; columns steps; step 0 = zero-shot):", "",
+                   md_table([{"lr": lr, "τ": tau, **{str(r["steps"]): r[head] for r in g
+                                                     if (r["lr"], r["tau"]) == (lr, tau)}} for lr, tau in cells],
+                            ["lr", "τ", *[str(s) for s in sorted({r["steps"] for r in g})]],
+                            {str(s): ".2f" for s in {r["steps"] for r in g}}), ""]
     if "latency" in data:
         lat = data["latency"]
         md += [f"## Latency (E={lat['E']}, r={lat['r']}, top-{lat['k']} re-rank, {lat['threads']} threads)", "",
@@ -766,7 +865,7 @@ def plot_protocols(data: dict, path: Path) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["accuracy", "ta-budget", "ta-anatomy", "latency"])
+    ap.add_argument("what", choices=["accuracy", "ta-budget", "ta-anatomy", "inquire-ceiling", "latency"])
     ap.add_argument("--testbed", choices=list(ACCURACY), default="world")
     ap.add_argument("--encoder")
     ap.add_argument("--epochs", type=int, default=10)
@@ -820,6 +919,10 @@ def main() -> None:
         key = f"ta_anatomy_{args.testbed}" + encoder_tag(args.testbed, args.encoder)
         part = bench_ta_anatomy(args.testbed, args.encoder, int(args.ta_epochs or 2000), int(args.seeds.split(",")[0]),
                                 args.batch)
+    elif args.what == "inquire-ceiling":
+        key = "inquire_ceiling" + encoder_tag("world-inquire", args.encoder)
+        part = bench_inquire_ceiling(args.encoder, int(args.ta_epochs or 300), int(args.seeds.split(",")[0]),
+                                     args.batch)
     else:
         key, part = "latency", bench_latency(n_gallery=args.gallery)
     data = previous_results("quari")  # read after the run: another part may have finished meanwhile

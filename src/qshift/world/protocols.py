@@ -226,6 +226,23 @@ TEMPLATES: dict[str, tuple[str, Callable[[], list], Callable[..., str], Callable
 }
 
 
+def inquire_scenes(split: str, gallery: int, seed: int = 0) -> list[Scene]:
+    """The scene graphs of a World-INQUIRE gallery, image by image."""
+    return [sample_scene(seed, split, OFFSETS["inquire"] + d, TRAIN_STYLES) for d in range(gallery)]
+
+
+def template_relevance(name: str, scenes: list[Scene], min_relevant: int = 5) -> list[tuple[str, list[int]]]:
+    """(query text, relevant scene indices) of every query of template ``name`` over
+    ``scenes`` with at least ``min_relevant`` (and at most half of them) relevant."""
+    _, slots, text, rel = TEMPLATES[name]
+    out = []
+    for args in slots():
+        pos = [j for j, sc in enumerate(scenes) if rel(sc, *args)]
+        if min_relevant <= len(pos) <= len(scenes) // 2:
+            out.append((text(*args), pos))
+    return out
+
+
 def build_inquire(root: Path, split: str, gallery: int | None = None, *, seed: int = 0, size: int = 64,
                   min_relevant: int = 5, progress: bool = False) -> Path:
     """A gallery of new scenes and every query of this split's templates with at least
@@ -235,23 +252,15 @@ def build_inquire(root: Path, split: str, gallery: int | None = None, *, seed: i
     gallery = gallery or SPLIT_SIZES["inquire"][split]
     name = f"inquire-{split}-{gallery}"
     (root / "images" / name).mkdir(parents=True, exist_ok=True)
-    rows, scenes = [], []
+    rows, scenes = [], inquire_scenes(split, gallery, seed)
     with progress_bar(f"world-inquire {split} ({gallery} gallery)", gallery, progress) as bar:
-        for d in range(gallery):
+        for d, scene in enumerate(scenes):
             idx = OFFSETS["inquire"] + d
-            scene = sample_scene(seed, split, idx, TRAIN_STYLES)
-            scenes.append(scene)
             rows.append(_entry(root, f"images/{name}/g{d:07d}.png", scene, scene.style,
                                scene_rng(seed, split, idx, 100), seed, split, idx, size))
             bar.advance(1)
-    queries = []
-    for tname, (tsplit, slots, text, rel) in TEMPLATES.items():
-        if tsplit != split:
-            continue
-        for args in slots():
-            pos = [j for j, sc in enumerate(scenes) if rel(sc, *args)]
-            if min_relevant <= len(pos) <= gallery // 2:
-                queries.append({"text": text(*args), "template": tname, "positives": pos})
+    queries = [{"text": text, "template": tname, "positives": pos} for tname in TEMPLATES
+               if TEMPLATES[tname][0] == split for text, pos in template_relevance(tname, scenes, min_relevant)]
     if not queries:
         raise InputError(f"world-inquire {split}: no query has {min_relevant}+ relevant images in {gallery}")
     return _save(root, name, rows, {"kind": "inquire", "split": split, "queries": queries, "seed": seed,
