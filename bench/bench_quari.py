@@ -16,6 +16,7 @@ ablations, and the latency of low-rank scoring, re-ranking and full search.
         --variants "QuARI,TA + QuARI,w/o iterative generation,w/o semi-positives,w/o noise,TA + QuARI w/o noise"
     .venv/bin/python bench/bench_quari.py accuracy --testbed world-ilias-val --train-instances 20000 --variants QuARI
     .venv/bin/python bench/bench_quari.py ta-anatomy --testbed world-ilias-val --ta-epochs 2000
+    .venv/bin/python bench/bench_quari.py inquire-ceiling
     .venv/bin/python bench/bench_quari.py latency
 
 Accuracy trains on the training split (world: train; world-pixel: the held-out pixel
@@ -34,6 +35,9 @@ improving within tens of epochs); it also sets the TA features of "TA + QuARI".
 ``--train-instances N`` trains World-ILIAS on ``world-ilias:train-iN`` (default 2,000
 instances). ``ta-anatomy`` asks what QuARI would have to express to match TA (TA is QuARI's
 score cos(q', T d) with q' = Wq, T = W): the parts, QuARI's λ-mix and rank-r truncations.
+``--train-set captions|clauses`` trains World-INQUIRE on the world's caption pairs (and their
+clauses) instead of the train templates. ``inquire-ceiling`` measures what any linear scoring of
+the images could win on World-INQUIRE's test templates (oracle rows: a ceiling, not a method).
 """
 
 from __future__ import annotations
@@ -431,7 +435,7 @@ def bench_inquire_ceiling(encoder: str | None, ta_epochs: int = 300, seed: int =
     grid, picked on the test queries themselves; (2) TA trained on the test templates'
     queries against their relevant train-gallery images (at most 64 each). Where the scorer
     stays near zero-shot, the embedding does not carry what the query asks for linearly, and
-    no linear transform can make it. The grid takes ~7 min on 2 cores."""
+    no linear transform can make it. The grid takes ~15 min on 2 cores."""
     import torch
 
     from qshift.encoders.base import IMAGE
@@ -489,8 +493,8 @@ def bench_inquire_ceiling(encoder: str | None, ta_epochs: int = 300, seed: int =
     rows["TA on the test templates (oracle)"] = {
         **_scored(_pipeline_scores(enc, task, {"name": "ta", "checkpoint": str(path)}), task, k_map),
         "train s": seconds}
-    return {"testbed": desc, "metric": head, "seed": seed, "ta_epochs": ta_epochs, "rows": rows,
-            "probe_grid": [{k: r[k] for k in ("lr", "tau", "steps", head)} for r in grid],
+    return {"testbed": f"{enc.spec}: {desc.split(', test on ', 1)[1]}", "metric": head, "seed": seed,
+            "ta_epochs": ta_epochs, "rows": rows, "probe_grid": [{k: r[k] for k in ("lr", "tau", "steps", head)} for r in grid],
             "template_queries": dict(sorted(Counter(task.meta.get("templates") or []).items()))}
 
 
@@ -786,12 +790,13 @@ def render_md(data: dict) -> str:
         a, enc_flag = data[key], (f" --encoder {key.split('@', 1)[1]}" if "@" in key else "")
         head, tq = a["metric"], a["template_queries"]
         rows = [{"method": m, head: v[head], **{f"{t} ({n})": v.get(TEMPLATE_KEY + t, float("nan"))
-                                                for t, n in tq.items()}} for m, v in a["rows"].items()]
+                                                for t, n in tq.items()}}
+                for m, v in sorted(a["rows"].items(), key=lambda mv: (mv[0] != "zero-shot", mv[0].startswith("TA")))]
         md += [f"## What a linear scoring could win on World-INQUIRE's test templates — {a['testbed']}", "",
                f"`.venv/bin/python bench/bench_quari.py inquire-ceiling{enc_flag} --ta-epochs {a['ta_epochs']}` "
                f"(seed {a['seed']}). Oracle rows use the test templates' labels on the *train* gallery (other "
                "scenes); they are ceilings, not methods. For a given query QuARI's score cos(q', T d) is linear in "
-               "the image embedding d up to ‖T d‖, as TA's is; the per-query probe is the best linear scorer that "
+               "the image embedding d up to ‖T d‖, as TA's is; the per-query scorer is the best linear scorer that "
                "query's own labels find.", "",
                md_table(rows, list(rows[0]), {c: ".2f" for c in list(rows[0])[1:]}), ""]
         if a.get("probe_grid"):
