@@ -117,7 +117,7 @@ def clause_collection(collection: Collection, *, keep_captions: bool = True, min
     for item_caps in collection.captions:
         clauses = [c for cap in item_caps for c in caption_clauses(cap, min_words)]
         keep = list(item_caps) if keep_captions else []
-        caps.append(list(dict.fromkeys(keep + [c for c in clauses if c not in keep])) or list(item_caps))
+        caps.append(list(dict.fromkeys(keep + clauses)) or list(item_caps))
     return Collection(f"{collection.name}-clauses", list(collection.ids), caps, collection.image_paths, "",
                       {k: v for k, v in collection.meta.items() if k != "protocol"})
 
