@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from qshift.adapt import create_adapter
+from qshift.errors import InputError
 from helpers import DIM, FeatureEncoder
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
@@ -319,6 +320,36 @@ def test_epcl_batch_proxies_is_the_complementary_loss_of_the_excluded_candidates
     batch2, pred2 = _pred(a, qs)
     p2 = _softmax(pred2.logits.detach().numpy().astype(np.float64))
     assert (p2 * excl).sum() < (p * excl).sum()
+    a.close()
+
+
+def test_a_guide_sets_the_candidates_and_the_exclusion_sets(setup):
+    """predict(q, guide): the candidates are the guide's nearest items, ``target`` its logits
+    over them; EPCL batch reads its exclusion sets from that target, the loss from q."""
+    enc, g, qs = setup
+    a = create_adapter(enc, g, "t2i", "epcl", temperature=0.1, proxies="batch", exclude_ratio=0.2)
+    batch = a.prepare(qs)
+    rng = np.random.default_rng(7)
+    guide = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((len(qs), DIM)).astype(np.float32)), dim=-1)
+    with torch.enable_grad():
+        pred = a.predict(a.forward(batch.inputs), guide)
+    gt = torch.from_numpy(g)
+    assert torch.equal(pred.nn, (guide @ gt.T).argmax(1))
+    assert not torch.equal(pred.nn, (pred.q.detach() @ gt.T).argmax(1))  # the guide, not the query, chose
+    c = gt[pred.nn]
+    assert torch.allclose(pred.target, guide @ c.T / 0.1, atol=1e-5)
+    assert torch.allclose(pred.logits, pred.q @ c.T / 0.1, atol=1e-5)
+    loss = a.objective.loss(a, batch, pred, 0)
+    z, zg = pred.logits.detach().numpy().astype(np.float64), pred.target.numpy().astype(np.float64)
+    pg = _softmax(zg)
+    excl = pg < 0.2 * pg.max(1, keepdims=True)
+    has = excl.any(1)
+    want = -np.log(1 - (_softmax(z) * excl).sum(1))
+    assert has.any() and float(loss) == pytest.approx(want[has].mean(), rel=1e-4)
+    own = _softmax(z)
+    assert not np.array_equal(excl, own < 0.2 * own.max(1, keepdims=True))  # not the query's own sets
+    with pytest.raises(InputError, match="guide of batch 0 must be finite and shaped"):
+        a.step(batch, guide=guide[:3])
     a.close()
 
 

@@ -355,6 +355,37 @@ def test_adapt_stage_can_fuse_with_the_frozen_views_and_weights(tiny_clip):
         Pipeline.from_config([refine, {"adapt": {**moving, "fusion_weights": "x"}}], PipelineContext(enc, "t2t", gallery=g))
 
 
+def test_adapt_stage_guided_by_the_fused_query(tiny_clip, monkeypatch):
+    """guide: fused — the adapter's query predictions are read from the frozen fused
+    embedding (the encode stage's), not from the typed query's own; typed passes none."""
+    import torch
+
+    from qshift.adapt.engine import Adapter
+
+    enc = tiny_clip
+    g = enc.encode_text(VOCAB)
+    noisy = ["a mna ridng a hrose on teh bech", "two dgos playing with a frisbe in the park"]
+    refine = {"refine": {"spell": {"vocabulary": VOCAB}, "cache": False, "min_cos": -1.0}}
+    moving = {"method": "epcl", "proxies": "batch", "exclude_ratio": 0.5, "candidates": "gallery", "lr": 0.05,
+              "temperature": 0.05}
+    with Pipeline.from_config([refine], PipelineContext(enc, "t2t", gallery=g)) as pipe:
+        fused = pipe.run_batch(noisy, k=None).embeddings
+    seen = []
+    real = Adapter.adapt
+    monkeypatch.setattr(Adapter, "adapt", lambda self, *a, **kw: seen.append(kw.get("guide")) or real(self, *a, **kw))
+    params = {}
+    for guide in ("typed", "fused"):
+        with Pipeline.from_config([refine, {"adapt": {**moving, "guide": guide}}],
+                                  PipelineContext(enc, "t2t", gallery=g)) as pipe:
+            pipe.run_batch(noisy, k=None)
+            (state,) = pipe.state_dict()["stages"].values()
+            params[guide] = torch.cat([p.flatten() for p in state["params"]])
+    assert seen[0] is None and np.allclose(seen[1], fused, atol=1e-6)
+    assert not torch.allclose(params["typed"], params["fused"], atol=1e-6)  # other exclusion sets, another update
+    with pytest.raises(InputError, match="guide must be one of typed, fused"):
+        Pipeline.from_config([refine, {"adapt": {**moving, "guide": "repair"}}], PipelineContext(enc, "t2t", gallery=g))
+
+
 def test_fusion_with_given_weights():
     from types import SimpleNamespace
 

@@ -157,6 +157,14 @@ class Predictions:
     logits: torch.Tensor          # B × C similarities / τ
     nn: torch.Tensor              # B, gallery index of each query's top-1
     nn_feat: torch.Tensor         # B × d, that gallery item's embedding (fixed)
+    # B × C logits of the guide over the same candidates (fixed; None: no guide) — what
+    # pseudo-labels and exclusion sets are read from when a guide is given
+    target: torch.Tensor | None = None
+
+    def reference(self) -> torch.Tensor:
+        """The logits that pseudo-labels / exclusion sets are read from (no grad): the
+        guide's when there is one, else the query's own."""
+        return self.target if self.target is not None else self.logits.detach()
 
 
 class Objective:
@@ -293,21 +301,31 @@ class Adapter:
             return self.cfg.candidates
         return "batch-nn" if batch_size >= 8 else "topk"
 
-    def predict(self, q: torch.Tensor) -> Predictions:
+    def predict(self, q: torch.Tensor, guide: torch.Tensor | None = None) -> Predictions:
+        """Query predictions of ``q``; with ``guide`` (B × d, e.g. the pipeline's fused
+        embedding of the same queries) the candidates are the guide's and ``target`` holds
+        the guide's logits over them."""
         with torch.no_grad():
-            sims = q.detach() @ self.gallery.T
+            sims = (q.detach() if guide is None else guide) @ self.gallery.T
             nn_idx = sims.argmax(dim=1)
         nn_feat = self.gallery[nn_idx]
         mode = self.candidates_mode(len(q))
         if mode == "batch-nn":
-            logits = q @ nn_feat.T
+            cand = nn_feat
+            logits = q @ cand.T
         elif mode == "topk":
             k = min(self.cfg.topk, len(self.gallery))
-            idx = sims.topk(k, dim=1).indices
-            logits = torch.einsum("bd,bkd->bk", q, self.gallery[idx])
+            cand = self.gallery[sims.topk(k, dim=1).indices]
+            logits = torch.einsum("bd,bkd->bk", q, cand)
         else:
-            logits = q @ self.gallery.T
-        return Predictions(q, logits / self.cfg.temperature, nn_idx, nn_feat)
+            cand = self.gallery
+            logits = q @ cand.T
+        target = None
+        if guide is not None:
+            with torch.no_grad():
+                target = (guide @ cand.T if cand.dim() == 2 else torch.einsum("bd,bkd->bk", guide, cand))
+                target = target / self.cfg.temperature
+        return Predictions(q, logits / self.cfg.temperature, nn_idx, nn_feat, target)
 
     # -- the frozen gate -----------------------------------------------------------------
     def gate_confidence(self, q: torch.Tensor) -> torch.Tensor:
@@ -343,10 +361,12 @@ class Adapter:
         return torch.where(keep[:, None].to(q.device), q0.to(q.device), q)
 
     # -- the online loop ----------------------------------------------------------------
-    def step(self, batch: Batch, q0: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, batch: Batch, q0: torch.Tensor | None = None, guide: torch.Tensor | None = None) -> torch.Tensor:
         """Adapt on one batch and return its embeddings for ranking (B × d, no graph; see
         ``rank_with``). ``q0``: the frozen model's embeddings of the batch, when the caller
-        has them (the pipeline's encode stage does; otherwise one more forward)."""
+        has them (the pipeline's encode stage does; otherwise one more forward). ``guide``:
+        embeddings the query predictions are read from instead of the batch's own
+        (:meth:`predict`)."""
         if self.cfg.episodic:
             self.reset()
         self.tower.eval()  # no dropout; BatchNorm statistics as ``norm_stats`` says
@@ -355,13 +375,18 @@ class Adapter:
         if not torch.isfinite(q0).all():
             raise InputError(f"adapt: the frozen encoder gives non-finite embeddings for batch {batch.index} "
                              "(check the queries)")
+        if guide is not None:
+            guide = F.normalize(guide.float().to(self.device), dim=-1)
+            if guide.shape != q0.shape or not torch.isfinite(guide).all():
+                raise InputError(f"adapt: the guide of batch {batch.index} must be finite and shaped like the "
+                                 f"batch's embeddings {tuple(q0.shape)}, got {tuple(guide.shape)}")
         if self._spread0 is None and len(q0) > 1:
             self._spread0 = float((q0 - q0.mean(0)).norm(dim=1).mean())
         diverged = False
         last = None  # the embeddings of the last step's forward, before its update
         for step in range(self.cfg.steps):
             with torch.enable_grad():
-                pred = self.predict(self.forward(batch.inputs))
+                pred = self.predict(self.forward(batch.inputs), guide)
                 last = pred.q.detach()
                 self.objective.learned = None
                 loss = self.objective.loss(self, batch, pred, step)
@@ -416,10 +441,12 @@ class Adapter:
         b = self.stats["batches"]
         self.stats["learning_share"] = (self.stats["learning_share"] * b + share) / (b + 1)
 
-    def adapt(self, queries: Sequence[Any], frozen: np.ndarray | None = None, index: int = 0) -> np.ndarray:
+    def adapt(self, queries: Sequence[Any], frozen: np.ndarray | None = None, index: int = 0,
+              guide: np.ndarray | None = None) -> np.ndarray:
         """Adapt on a batch of raw queries; their adapted embeddings (B × d float32)."""
         q0 = None if frozen is None else torch.from_numpy(np.ascontiguousarray(frozen, dtype=np.float32))
-        return self.step(self.prepare(queries, index), q0).cpu().numpy().astype(np.float32)
+        g = None if guide is None else torch.from_numpy(np.ascontiguousarray(guide, dtype=np.float32))
+        return self.step(self.prepare(queries, index), q0, g).cpu().numpy().astype(np.float32)
 
     def embed(self, queries: Sequence[Any], frozen: np.ndarray | None = None) -> np.ndarray:
         """Embeddings of ``queries`` by the tower as adapted so far (no step taken). With

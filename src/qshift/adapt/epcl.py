@@ -120,7 +120,7 @@ def epcl_loss(adapter: Adapter, pred: Predictions, cfg: EPCLConfig, proxies: Exc
     """(mean loss over queries with a non-empty exclusion set, mask of those queries)."""
     if cfg.proxies == "batch":
         scale = adapter.cfg.temperature / cfg.proxy_temperature if cfg.proxy_temperature else 1.0
-        return complementary_loss(pred.logits * scale, cfg.exclude_ratio)
+        return complementary_loss(pred.logits * scale, cfg.exclude_ratio, pred.reference() * scale)
     q, g = pred.q, adapter.gallery
     tau = cfg.proxy_temperature or adapter.cfg.temperature
     with torch.no_grad():
@@ -156,11 +156,13 @@ def epcl_loss(adapter: Adapter, pred: Predictions, cfg: EPCLConfig, proxies: Exc
     return loss[has].mean(), has
 
 
-def complementary_loss(logits: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+def complementary_loss(logits: torch.Tensor, ratio: float, reference: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """L_i = −log(1 − Σ_{e ∈ E_i} softmax(logits_i)_e), E_i = {j : p_ij < ratio · max p_i}
-    (mean over queries with a non-empty E_i, mask of those queries)."""
+    with p read from ``reference`` (default: the logits themselves; the engine's guide
+    logits when a guide is given) — mean over queries with a non-empty E_i, mask of those."""
     with torch.no_grad():
-        z = logits.detach()
+        z = logits.detach() if reference is None else reference
         excl = z < z.max(1, keepdim=True).values + math.log(ratio)      # p_ij < ratio · p_i,max
     has = excl.any(1)
     if not has.any():

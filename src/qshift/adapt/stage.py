@@ -12,7 +12,12 @@ parts meet), each an option: ``views`` — which tower embeds the repaired views
 ``fusion_weights`` — ``frozen`` (default) re-applies the weights the frozen model's
 confidences gave at the encode stage, ``adapted`` recomputes them from the adapted
 embeddings (entropy-style objectives make the adapted original *more confident* without
-making it more often right, which moves weight away from the repair). On COCO dev
+making it more often right, which moves weight away from the repair); ``guide`` — where
+the adapter's query predictions (candidates, pseudo-labels, EPCL's exclusion sets) come
+from: ``typed`` (default) the typed query's own embedding, as without a repair; ``fused``
+the frozen fused embedding, the pipeline's best guess, so the repair tells the adaptation
+what each noisy query is and is *not* (a reconstruction of how ReEx's repair and its
+exclusion sets meet; without a fusing refine stage in front it changes nothing). On COCO dev
 (bench/results/refine.md, reex-coco-t2t-pipeline-batch-val) frozen/frozen was the best
 row, 50.17 vs 50.13 (frozen views only) and 50.07 (adapted/adapted), so it is the default.
 On COCO test (REST + EPCL batch after spell + fusion) every variant stays below the fusion
@@ -63,13 +68,16 @@ class AdaptStage(Stage):
     stateful = True
 
     VIEWS = ("adapted", "frozen")
+    GUIDES = ("typed", "fused")
 
-    def __init__(self, method: str, views: str = "frozen", fusion_weights: str = "frozen", **options: Any) -> None:
-        for name, value in (("views", views), ("fusion_weights", fusion_weights)):
-            if value not in self.VIEWS:
-                raise InputError(f"adapt stage {method!r}: {name} must be one of {', '.join(self.VIEWS)}, "
+    def __init__(self, method: str, views: str = "frozen", fusion_weights: str = "frozen", guide: str = "typed",
+                 **options: Any) -> None:
+        for name, value, allowed in (("views", views, self.VIEWS), ("fusion_weights", fusion_weights, self.VIEWS),
+                                     ("guide", guide, self.GUIDES)):
+            if value not in allowed:
+                raise InputError(f"adapt stage {method!r}: {name} must be one of {', '.join(allowed)}, "
                                  f"got {value!r}")
-        self.name, self.views, self.fusion_weights = method, views, fusion_weights
+        self.name, self.views, self.fusion_weights, self.guide = method, views, fusion_weights, guide
         self.options = dict(options)
         self.cfg, self.objective_options = split_options(method, self.options)  # validate now
         create_objective(method, self.objective_options)
@@ -103,8 +111,11 @@ class AdaptStage(Stage):
             if fused and self.fusion_weights == "frozen":  # what the encode stage's fusion decided
                 weights = [m.get("refine", {}).get("fusion_weight", 0.0) for m in batch.meta]
             # after a fusion the batch's embeddings are no longer the typed queries' own: the
-            # adapter then embeds them itself (its frozen reference and its fallback)
-            batch.embeddings = self.adapter.adapt(batch.queries, None if fused else batch.embeddings, batch.index)
+            # adapter then embeds them itself (its frozen reference and its fallback); with
+            # guide: fused they are what its query predictions are read from
+            guide = batch.embeddings if fused and self.guide == "fused" else None
+            batch.embeddings = self.adapter.adapt(batch.queries, None if fused else batch.embeddings, batch.index,
+                                                  guide=guide)
             if fused:
                 # the adapter learnt from the queries as typed; the views (e.g. a repaired text)
                 # are embedded by the adapted tower, or keep the frozen one's, and fused again
