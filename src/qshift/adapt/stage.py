@@ -21,8 +21,8 @@ exclusion sets meet; without a fusing refine stage in front it changes nothing).
 (REST + EPCL batch after spell + fusion, frozen views and weights): COCO dev 50.23 guided
 (lr 3e-4) vs 50.17 typed, 50.03 without adaptation — within a query or two of 500; COCO
 test 30.67 guided vs 30.85 typed, both below the fusion alone (31.18); world T2I test
-(mini-clip, 16 text corruptions, guided lr 1e-3, the val pick) 23.21 vs the fusion alone
-23.01, its char mean lower (20.9 vs 21.7). ``typed`` stays the default. On COCO dev
+(mini-clip, 16 text corruptions, guided lr 1e-3, the val pick) 23.24 vs the fusion alone
+23.03, its char mean lower (20.9 vs 21.7), plain replacement 25.51. ``typed`` stays the default. On COCO dev
 (bench/results/refine.md, reex-coco-t2t-pipeline-batch-val) frozen/frozen was the best
 row, 50.17 vs 50.13 (frozen views only) and 50.07 (adapted/adapted), so it is the default.
 On COCO test (REST + EPCL batch after spell + fusion) every variant stays below the fusion
