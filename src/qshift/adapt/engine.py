@@ -158,12 +158,12 @@ class Predictions:
     nn: torch.Tensor              # B, gallery index of each query's top-1
     nn_feat: torch.Tensor         # B × d, that gallery item's embedding (fixed)
     # B × C logits of the guide over the same candidates (fixed; None: no guide) — what
-    # pseudo-labels and exclusion sets are read from when a guide is given
+    # EPCL's exclusion sets are read from when a guide is given
     target: torch.Tensor | None = None
 
     def reference(self) -> torch.Tensor:
-        """The logits that pseudo-labels / exclusion sets are read from (no grad): the
-        guide's when there is one, else the query's own."""
+        """The logits an objective reads its targets from (no grad; EPCL batch: its
+        exclusion sets): the guide's when there is one, else the query's own."""
         return self.target if self.target is not None else self.logits.detach()
 
 

@@ -12,22 +12,24 @@ parts meet), each an option: ``views`` — which tower embeds the repaired views
 ``fusion_weights`` — ``frozen`` (default) re-applies the weights the frozen model's
 confidences gave at the encode stage, ``adapted`` recomputes them from the adapted
 embeddings (entropy-style objectives make the adapted original *more confident* without
-making it more often right, which moves weight away from the repair); ``guide`` — where
-the adapter's query predictions (candidates, pseudo-labels, EPCL's exclusion sets) come
-from: ``typed`` (default) the typed query's own embedding, as without a repair; ``fused``
-the frozen fused embedding, the pipeline's best guess, so the repair tells the adaptation
-what each noisy query is and is *not* (a reconstruction of how ReEx's repair and its
-exclusion sets meet; without a fusing refine stage in front it changes nothing). Measured
-(REST + EPCL batch after spell + fusion, frozen views and weights): COCO dev 50.23 guided
-(lr 3e-4) vs 50.17 typed, 50.03 without adaptation — within a query or two of 500; COCO
-test 30.67 guided vs 30.85 typed, both below the fusion alone (31.18); world T2I test
-(mini-clip, 16 text corruptions, guided lr 1e-3, the val pick) 23.24 vs the fusion alone
-23.03, its char mean lower (20.9 vs 21.7), plain replacement 25.51. ``typed`` stays the default. On COCO dev
+making it more often right, which moves weight away from the repair). On COCO dev
 (bench/results/refine.md, reex-coco-t2t-pipeline-batch-val) frozen/frozen was the best
 row, 50.17 vs 50.13 (frozen views only) and 50.07 (adapted/adapted), so it is the default.
 On COCO test (REST + EPCL batch after spell + fusion) every variant stays below the fusion
-without adaptation, 31.18: frozen/frozen 30.85, frozen views with adapted weights 30.23. With
-``ctx.extra['shared_encoder']`` (the service) the adapted values are swapped into the
+without adaptation, 31.18: frozen/frozen 30.85, frozen views with adapted weights 30.23.
+
+A third reconstruction, ``guide`` — where the adapter's query predictions (its candidates,
+and EPCL's exclusion sets) come from: ``typed`` (default) the typed query's own
+embedding, as without a repair; ``fused`` the frozen fused embedding, the pipeline's best
+guess, so the repair tells the adaptation what each noisy query is and is *not* (without a
+fusing refine stage in front it changes nothing). Measured (REST + EPCL batch after spell +
+fusion, frozen views and weights): COCO dev 50.23 guided (lr 3e-4) vs 50.17 typed, 50.03
+without adaptation — within a query or two of 500; COCO test 30.67 guided vs 30.85 typed,
+both below the fusion alone (31.18); world T2I test (mini-clip, 16 text corruptions, guided
+lr 1e-3, the val pick) 23.24 vs the fusion alone 23.03, its char mean lower (20.9 vs 21.7),
+plain replacement 25.51. So ``typed`` stays the default.
+
+With ``ctx.extra['shared_encoder']`` (the service) the adapted values are swapped into the
 encoder's tower only for the stage's own batches.
 """
 
