@@ -26,6 +26,10 @@ candidates come from the gallery —
 * ``auto``: ``batch-nn`` for batches of ≥ 8 queries, else ``topk`` (a 1 × 1 prediction
   carries no signal).
 
+With a ``guide`` (``step(batch, guide=…)``: other embeddings of the same queries, e.g. the
+pipeline's fused query after a repair) the candidates are chosen by the guide and its logits
+over them are ``Predictions.target``; the loss still runs on the tower's own embeddings.
+
 **Ranking** (``rank_with``): ``updated`` embeds the batch once more after its last
 update; ``last-step`` ranks with the embeddings of the last step's own forward (taken
 before that step's update), as the reference implementations of Tent and TCR do — one
