@@ -330,7 +330,7 @@ def test_a_guide_sets_the_candidates_and_the_exclusion_sets(setup):
     a = create_adapter(enc, g, "t2i", "epcl", temperature=0.1, proxies="batch", exclude_ratio=0.2)
     batch = a.prepare(qs)
     rng = np.random.default_rng(7)
-    guide = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((len(qs), DIM)).astype(np.float32)), dim=-1)
+    guide = F.normalize(torch.from_numpy(rng.standard_normal((len(qs), DIM)).astype(np.float32)), dim=-1)
     with torch.enable_grad():
         pred = a.predict(a.forward(batch.inputs), guide)
     gt = torch.from_numpy(g)
