@@ -27,7 +27,8 @@ fusion, frozen views and weights): COCO dev 50.23 guided (lr 3e-4) vs 50.17 type
 without adaptation — within a query or two of 500; COCO test 30.67 guided vs 30.85 typed,
 both below the fusion alone (31.18); world T2I test (mini-clip, 16 text corruptions, guided
 lr 1e-3, the val pick) 23.24 vs the fusion alone 23.03, its char mean lower (20.9 vs 21.7),
-plain replacement 25.51. So ``typed`` stays the default.
+plain replacement 25.51 — and on world val typed at the same lr ties it (25.96 vs 25.95), so
+the guide itself adds nothing there. So ``typed`` stays the default.
 
 With ``ctx.extra['shared_encoder']`` (the service) the adapted values are swapped into the
 encoder's tower only for the stage's own batches.
