@@ -315,21 +315,21 @@ class Adapter:
         nn_feat = self.gallery[nn_idx]
         mode = self.candidates_mode(len(q))
         if mode == "batch-nn":
-            cand = nn_feat
-            logits = q @ cand.T
+            cand = nn_feat                                   # C × d, shared by the batch
         elif mode == "topk":
-            k = min(self.cfg.topk, len(self.gallery))
-            cand = self.gallery[sims.topk(k, dim=1).indices]
-            logits = torch.einsum("bd,bkd->bk", q, cand)
+            cand = self.gallery[sims.topk(min(self.cfg.topk, len(self.gallery)), dim=1).indices]  # B × k × d
         else:
             cand = self.gallery
-            logits = q @ cand.T
+
+        def logits(x: torch.Tensor) -> torch.Tensor:
+            s = x @ cand.T if cand.dim() == 2 else torch.einsum("bd,bkd->bk", x, cand)
+            return s / self.cfg.temperature
+
         target = None
         if guide is not None:
             with torch.no_grad():
-                target = (guide @ cand.T if cand.dim() == 2 else torch.einsum("bd,bkd->bk", guide, cand))
-                target = target / self.cfg.temperature
-        return Predictions(q, logits / self.cfg.temperature, nn_idx, nn_feat, target)
+                target = logits(guide)
+        return Predictions(q, logits(q), nn_idx, nn_feat, target)
 
     # -- the frozen gate -----------------------------------------------------------------
     def gate_confidence(self, q: torch.Tensor) -> torch.Tensor:
