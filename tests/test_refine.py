@@ -386,6 +386,21 @@ def test_adapt_stage_guided_by_the_fused_query(tiny_clip, monkeypatch):
         Pipeline.from_config([refine, {"adapt": {**moving, "guide": "repair"}}], PipelineContext(enc, "t2t", gallery=g))
 
 
+@pytest.mark.parametrize("option", [{"guide": "fused"}, {"views": "adapted"}, {"fusion_weights": "adapted"}])
+@pytest.mark.parametrize("refine", [None, {"refine": {"spell": {"vocabulary": VOCAB}, "mode": "replace"}}])
+def test_fusion_options_refused_without_a_fusing_refine_stage(tiny_clip, option, refine):
+    """guide / views / fusion_weights act only on a fused batch: without a refine stage
+    that fuses in front, a non-default value is an error naming it, not a silent no-op."""
+    g = tiny_clip.encode_text(VOCAB)
+    stages = [s for s in (refine, {"adapt": {"method": "tent", **option}}) if s]
+    (name, value), = option.items()
+    with pytest.raises(InputError, match=f"{name}: {value} acts only after a refine stage with mode: fuse"):
+        Pipeline.from_config(stages, PipelineContext(tiny_clip, "t2t", gallery=g))
+    fusing = {"refine": {"spell": {"vocabulary": VOCAB}, "cache": False}}
+    Pipeline.from_config([fusing, {"adapt": {"method": "tent", **option}}],
+                         PipelineContext(tiny_clip, "t2t", gallery=g)).close()
+
+
 def test_fusion_with_given_weights():
     from types import SimpleNamespace
 

@@ -21,14 +21,16 @@ without adaptation, 31.18: frozen/frozen 30.85, frozen views with adapted weight
 A third reconstruction, ``guide`` — where the adapter's query predictions (its candidates,
 and EPCL's exclusion sets) come from: ``typed`` (default) the typed query's own
 embedding, as without a repair; ``fused`` the frozen fused embedding, the pipeline's best
-guess, so the repair tells the adaptation what each noisy query is and is *not* (without a
-fusing refine stage in front it changes nothing). Measured (REST + EPCL batch after spell +
-fusion, frozen views and weights): COCO dev 50.23 guided (lr 3e-4) vs 50.17 typed, 50.03
+guess, so the repair tells the adaptation what each noisy query is and is *not*. Measured
+(REST + EPCL batch after spell + fusion, frozen views and weights): COCO dev 50.23 guided (lr 3e-4) vs 50.17 typed, 50.03
 without adaptation — within a query or two of 500; COCO test 30.67 guided vs 30.85 typed,
 both below the fusion alone (31.18); world T2I test (mini-clip, 16 text corruptions, guided
 lr 1e-3, the val pick) 23.24 vs the fusion alone 23.03, its char mean lower (20.9 vs 21.7),
 plain replacement 25.51 — and on world val typed at the same lr ties it (25.96 vs 25.95), so
 the guide itself adds nothing there. So ``typed`` stays the default.
+
+``views``, ``fusion_weights`` and ``guide`` set away from their defaults without a fusing
+refine stage in front are refused (they would change nothing).
 
 With ``ctx.extra['shared_encoder']`` (the service) the adapted values are swapped into the
 encoder's tower only for the stage's own batches.
@@ -91,6 +93,17 @@ class AdaptStage(Stage):
         create_objective(method, self.objective_options)
         self.batch_size = options.get("batch_size")
         self.adapter: Adapter | None = None
+
+    def check_chain(self, before: list[Stage]) -> None:
+        """``views``, ``fusion_weights`` and ``guide`` act only after a fusing refine stage:
+        set away from their defaults without one, they would silently change nothing."""
+        if any(s.fuses for s in before):
+            return
+        for name, value, default in (("views", self.views, "frozen"), ("fusion_weights", self.fusion_weights, "frozen"),
+                                     ("guide", self.guide, "typed")):
+            if value != default:
+                raise InputError(f"adapt stage {self.name!r}: {name}: {value} acts only after a refine stage with "
+                                 "mode: fuse, and this pipeline has none in front of it")
 
     def setup(self, ctx: Any) -> None:
         self.ctx = ctx

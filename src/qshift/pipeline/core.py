@@ -56,6 +56,8 @@ class Pipeline:
         self.specs = list(specs) if specs is not None else [StageSpec(s.kind, s.name) for s in self.stages]
         self.timings: dict[str, float] = {}  # seconds per stage, summed over every batch so far
         self.info: dict = {}                  # the last batch's notes (e.g. adaptation counters)
+        for i, s in enumerate(self.stages):
+            s.check_chain(self.stages[:i])
         done: list[Stage] = []
         try:
             for s in self.stages:

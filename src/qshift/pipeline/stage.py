@@ -35,6 +35,11 @@ class Stage:
     stateful: ClassVar[bool] = False
     # a preferred stream batch size (an adapt stage's ``batch_size``), else the context's
     batch_size: int | None = None
+    # whether the stage hands later stages a fusion rule (``batch.fuse``; a refine stage's ``mode: fuse``)
+    fuses: bool = False
+
+    def check_chain(self, before: "list[Stage]") -> None:
+        """Refuse options that need a stage this pipeline does not run ahead of this one."""
 
     def setup(self, ctx: Any) -> None:
         """Bind to the context (encoder, gallery, index)."""

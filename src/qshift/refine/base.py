@@ -112,6 +112,7 @@ class RefineStage(Stage):
         self.mode, self.cache, self.max_chars, self.max_growth = mode, cache, int(max_chars), float(max_growth)
         fusion = {k: options.pop(k) for k in FUSION_OPTIONS if k in options}
         self.fusion = ConfidenceFusion(**fusion) if mode == "fuse" else None
+        self.fuses = self.fusion is not None
         if mode == "replace" and fusion:
             raise InputError(f"refine stage {backend!r}: {sorted(fusion)} are fusion options; mode replace has none")
         chain = [(backend, options)]
