@@ -408,3 +408,36 @@ def test_every_objective_moves_the_parameters(setup):
         a.adapt(qs)
         assert any(not torch.equal(p, p0) for p, p0 in zip(a.params, a._initial)), name
         a.close()
+
+
+def test_distill_is_kl_from_the_guide_and_pulls_towards_it(setup):
+    """distill: L = mean_i KL(softmax(t_i) ‖ softmax(z_i)) with t the guide's logits; a step
+    lowers it (a sign flip raises it); REST's distill_weight adds exactly w · L; no guide, no loss."""
+    enc, g, qs = setup
+    rng = np.random.default_rng(3)
+    guide = F.normalize(torch.from_numpy(rng.standard_normal((len(qs), DIM)).astype(np.float32)), dim=-1)
+    a = create_adapter(enc, g, "t2i", "distill", temperature=0.1, lr=0.05, steps=1)
+    batch = a.prepare(qs)
+    with torch.enable_grad():
+        pred = a.predict(a.forward(batch.inputs), guide)
+    pt, z = _softmax(pred.target.numpy().astype(np.float64)), pred.logits.detach().numpy().astype(np.float64)
+    want = (pt * (np.log(pt) - np.log(_softmax(z)))).sum(1).mean()
+    before = float(a.objective.loss(a, batch, pred, 0))
+    assert before == pytest.approx(want, rel=1e-4) and before > 0.1
+    a.step(batch, guide=guide)
+    with torch.enable_grad():
+        after = float(a.objective.loss(a, batch, a.predict(a.forward(batch.inputs), guide), 0))
+    assert after < before
+    with torch.enable_grad():
+        with pytest.raises(InputError, match="needs the guide's logits"):
+            a.objective.loss(a, batch, a.predict(a.forward(batch.inputs)), 0)
+    a.close()
+    plain = create_adapter(enc, g, "t2i", "rest", temperature=0.1)
+    both = create_adapter(enc, g, "t2i", "rest", temperature=0.1, distill_weight=2.0)
+    assert both.objective.needs_guide and not plain.objective.needs_guide
+    with torch.enable_grad():
+        pred = plain.predict(plain.forward(batch.inputs), guide)
+        gap = both.objective.loss(both, batch, pred, 0) - plain.objective.loss(plain, batch, pred, 0)
+    assert float(gap) == pytest.approx(2 * want, rel=1e-3)
+    plain.close()
+    both.close()

@@ -401,6 +401,24 @@ def test_fusion_options_refused_without_a_fusing_refine_stage(tiny_clip, option,
                          PipelineContext(tiny_clip, "t2t", gallery=g)).close()
 
 
+def test_distill_needs_the_fused_guide(tiny_clip):
+    """distill (and REST's distill_weight) learn from the fused query: without guide: fused
+    the stage refuses them; with it, a stream after spell + fusion moves the tower."""
+    import torch
+
+    g = tiny_clip.encode_text(VOCAB)
+    fusing = {"refine": {"spell": {"vocabulary": VOCAB}, "cache": False, "min_cos": -1.0}}
+    for adapt in ({"method": "distill"}, {"method": "rest", "distill_weight": 1.0}):
+        with pytest.raises(InputError, match="learns from the fused query; set guide: fused"):
+            Pipeline.from_config([fusing, {"adapt": adapt}], PipelineContext(tiny_clip, "t2t", gallery=g))
+    with Pipeline.from_config([fusing, {"adapt": {"method": "distill", "guide": "fused", "lr": 0.05}}],
+                              PipelineContext(tiny_clip, "t2t", gallery=g)) as pipe:
+        (stage,) = [s for s in pipe.stages if s.kind == "adapt"]
+        before = [p.detach().clone() for p in stage.adapter.params]
+        pipe.run_batch(["a mna ridng a hrose on teh bech", "two dgos playing with a frisbe in the park"], k=None)
+        assert any(not torch.equal(b, p) for b, p in zip(before, stage.adapter.params))
+
+
 def test_fusion_with_given_weights():
     from types import SimpleNamespace
 

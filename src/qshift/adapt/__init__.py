@@ -1,7 +1,7 @@
 """Online test-time adaptation of the query tower under query shift.
 
 Each objective (``tent``, ``eata``, ``sar``, ``read``, ``deyo``, ``tcr``, ``rest``,
-``epcl``) is
+``epcl``, ``distill``) is
 registered with ``@register_objective`` in its own module, which also makes it an adapt
 stage (``{adapt: {method: NAME, **options}}``) and a method of the same name (encode +
 adapt + rank) for ``qshift bench``, ``qshift search`` and the service.
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from qshift.adapt.engine import OBJECTIVES, AdaptConfig, Adapter, Objective, Predictions, register_objective
-from qshift.adapt import deyo, eata, epcl, oracle, read, rest, sar, tcr, tent  # noqa: F401  (register them)
+from qshift.adapt import deyo, distill, eata, epcl, oracle, read, rest, sar, tcr, tent  # noqa: F401  (register them)
 from qshift.adapt.stage import AdaptStage, create_objective, split_options
 
 

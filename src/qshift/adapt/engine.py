@@ -184,6 +184,8 @@ class Objective:
     defaults: dict[str, Any] = {}
     # a ceiling (the oracle), not a method: it reads the batch's true positives
     needs_labels = False
+    # learns from the guide's logits (``Predictions.target``): the adapt stage needs ``guide: fused``
+    needs_guide = False
 
     def setup(self, adapter: "Adapter") -> None:
         """Called once before the stream (e.g. Fisher information, source anchors)."""

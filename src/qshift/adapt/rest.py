@@ -28,6 +28,10 @@ validated configuration, both additions *off*: by default ``rest`` is TCR, and
 full-length protocol (one continual pass over all 5,000 val captions, mixed corruptions;
 bench/configs/tta-world-t2i-tune-long.yaml) says the same: at its best setting, REST with
 both additions reaches 17.30 stream R@1 against TCR's 17.56 (zero-shot 16.66).
+
+Two ReEx terms can be added: ``epcl_weight`` (with ``epcl: {...}``, :mod:`qshift.adapt.epcl`)
+and ``distill_weight`` (the fused query as a soft teacher, :mod:`qshift.adapt.distill`; needs
+the adapt stage's ``guide: fused``).
 """
 
 from __future__ import annotations
@@ -60,11 +64,15 @@ class REST(TCR):
 
     def __init__(self, use_consistency: bool = True, decouple: bool = True, source_weight: float = 1.0,
                  source_batch: int = 16, consistency_weight: float = 1.0, epcl_weight: float = 0.0,
-                 epcl: dict | None = None, **tcr: object) -> None:
+                 epcl: dict | None = None, distill_weight: float = 0.0, **tcr: object) -> None:
         super().__init__(**tcr)  # type: ignore[arg-type]
         from qshift.adapt.epcl import EPCLConfig
 
         self.epcl_weight = float(epcl_weight)
+        self.distill_weight = float(distill_weight)
+        if self.epcl_weight < 0 or self.distill_weight < 0:
+            raise InputError(f"rest: epcl_weight and distill_weight must be >= 0, got {epcl_weight}, {distill_weight}")
+        self.needs_guide = self.distill_weight > 0
         try:
             self.epcl = EPCLConfig(**(epcl or {}))
         except TypeError as exc:
@@ -93,6 +101,11 @@ class REST(TCR):
             loss, has = epcl_loss(adapter, pred, self.epcl, self._proxies)
             terms["epcl"] = self.epcl_weight * loss
             self.learned = has if self.learned is None else (self.learned | has)
+        if self.distill_weight > 0:  # the fused query as a soft teacher (qshift.adapt.distill)
+            from qshift.adapt.distill import distill_loss
+
+            terms["distill"] = self.distill_weight * distill_loss(pred)
+            self.learned = torch.ones(len(pred.q), dtype=torch.bool)
         return sum(terms.values()) if terms else pred.q.sum() * 0.0
 
     def setup(self, adapter: Adapter) -> None:

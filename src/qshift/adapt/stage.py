@@ -90,7 +90,9 @@ class AdaptStage(Stage):
         self.name, self.views, self.fusion_weights, self.guide = method, views, fusion_weights, guide
         self.options = dict(options)
         self.cfg, self.objective_options = split_options(method, self.options)  # validate now
-        create_objective(method, self.objective_options)
+        if create_objective(method, self.objective_options).needs_guide and guide != "fused":
+            raise InputError(f"adapt stage {method!r}: this objective learns from the fused query; set guide: fused "
+                             "(after a refine stage with mode: fuse)")
         self.batch_size = options.get("batch_size")
         self.adapter: Adapter | None = None
 
