@@ -302,7 +302,8 @@ def test_fusion_survives_an_adapt_stage(tiny_clip):
         assert np.allclose(pipe.score(noisy), fused, atol=1e-5)  # an adapter that does not move: the fusion alone
     moving = {"adapt": {"method": "tent", "lr": 0.05, "temperature": 0.1, "views": "adapted",
                         "fusion_weights": "adapted"}}
-    with Pipeline.from_config([moving], PipelineContext(enc, "t2t", gallery=g)) as pipe:
+    alone = {"adapt": {k: v for k, v in moving["adapt"].items() if k not in ("views", "fusion_weights")}}
+    with Pipeline.from_config([alone], PipelineContext(enc, "t2t", gallery=g)) as pipe:
         adapted_only = pipe.score(noisy)
     with Pipeline.from_config([refine, moving], PipelineContext(enc, "t2t", gallery=g)) as pipe:
         res = pipe.search(noisy, k=1)
