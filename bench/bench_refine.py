@@ -39,17 +39,20 @@ def bench_grid(config: Path) -> dict:
     out = run_benchmark(cfg, progress=True)
     write_report([out], out)
     cells = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
-    r1: dict = {}
+    per_seed: dict = {}  # method → severity → shift → R@1 of each seed
     share: dict = {}
     for c in cells:
-        r1.setdefault(c["method"], {}).setdefault(str(c["severity"]), {})[c["shift"]] = c["metrics"]["R@1"]
+        per_seed.setdefault(c["method"], {}).setdefault(str(c["severity"]), {}).setdefault(c["shift"], []).append(
+            c["metrics"]["R@1"])
         a = c.get("stage_info", {}).get("adapt")
         if a:
             share.setdefault(c["method"], []).append(a.get("learning_share", 1.0))
+    r1 = {m: {sev: {t: float(np.mean(v)) for t, v in by.items()} for sev, by in sevs.items()}
+          for m, sevs in per_seed.items()}  # the mean over the config's seeds
     from qshift.methods import method_label
 
     summary: dict = {"config": str(config), "run": str(out), "queries": cells[0]["queries"] if cells else 0,
-                     "encoder": cfg.encoder, "collection": cfg.collection, "r1": r1,
+                     "encoder": cfg.encoder, "collection": cfg.collection, "r1": r1, "seeds": list(cfg.seeds),
                      "methods": [method_label(m) for m in cfg.methods],
                      "learning_share": {m: float(np.mean(v)) for m, v in share.items()}, "severities": {}}
     zs = r1.get("zero-shot", {})
@@ -164,8 +167,11 @@ def render(data: dict) -> str:
             rows = [{"method": m, **{t[:9]: g["r1"][m][sev][t] for t in types}, **part["rows"][m]}
                     for m in _ordered(part["rows"], g.get("methods", []))]
             cols = ["method", *[t[:9] for t in types], "char_mean", "mean", "worst_vs_zero_shot"]
-            md += [f"R@1 at severity {sev} (columns: corruption types; char_mean: the six character-level types)",
-                   "", md_table(rows, cols, {c: ".1f" for c in cols[1:]} | {"worst_vs_zero_shot": "+.1f"}), ""]
+            seeds = g.get("seeds", [0])
+            over = f"; each cell the mean over corruption seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else ""
+            fmt = ".2f" if len(seeds) > 1 else ".1f"
+            md += [f"R@1 at severity {sev} (columns: corruption types; char_mean: the six character-level types{over})",
+                   "", md_table(rows, cols, {c: fmt for c in cols[1:]} | {"worst_vs_zero_shot": "+" + fmt}), ""]
         if g["learning_share"]:
             md += ["Share of queries each adaptation method learnt from (mean over batches and cells): " +
                    ", ".join(f"{m} {g['learning_share'][m]:.2f}"
