@@ -19,15 +19,15 @@ On COCO test (REST + EPCL batch after spell + fusion) every variant stays below 
 without adaptation, 31.18: frozen/frozen 30.85, frozen views with adapted weights 30.23.
 
 A third reconstruction, ``guide`` — where the adapter's query predictions (its candidates,
-and EPCL's exclusion sets) come from: ``typed`` (default) the typed query's own
-embedding, as without a repair; ``fused`` the frozen fused embedding, the pipeline's best
-guess, so the repair tells the adaptation what each noisy query is and is *not*. Measured
-(REST + EPCL batch after spell + fusion, frozen views and weights): COCO dev 50.23 guided (lr 3e-4) vs 50.17 typed, 50.03
-without adaptation — within a query or two of 500; COCO test 30.67 guided vs 30.85 typed,
-both below the fusion alone (31.18); world T2I test (mini-clip, 16 text corruptions, guided
-lr 1e-3, the val pick) 23.24 vs the fusion alone 23.03, its char mean lower (20.9 vs 21.7),
-plain replacement 25.51 — and on world val typed at the same lr ties it (25.96 vs 25.95), so
-the guide itself adds nothing there. So ``typed`` stays the default.
+and EPCL's exclusion sets) come from: ``typed`` (default) the typed query's own embedding,
+as without a repair; ``fused`` the frozen fused embedding, the pipeline's best guess, so the
+repair tells the adaptation what each noisy query is and is *not*. Measured (REST + EPCL
+batch after spell + fusion, frozen views and weights): COCO dev 50.23 guided (lr 3e-4) vs
+50.17 typed, 50.03 without adaptation — within a query or two of 500; COCO test 30.67 guided
+vs 30.85 typed, both below the fusion alone (31.18); world T2I test (mini-clip, 16 text
+corruptions, guided lr 1e-3, the val pick) 23.24 vs the fusion alone 23.03, its char mean
+lower (20.9 vs 21.7), plain replacement 25.51 — and on world val typed at the same lr ties
+it (25.96 vs 25.95), so the guide itself adds nothing there. So ``typed`` stays the default.
 
 ``views``, ``fusion_weights`` and ``guide`` set away from their defaults without a fusing
 refine stage in front are refused (they would change nothing).
