@@ -29,6 +29,13 @@ corruptions, guided lr 1e-3, the val pick) 23.24 vs the fusion alone 23.03, its 
 lower (20.9 vs 21.7), plain replacement 25.51 — and on world val typed at the same lr ties
 it (25.96 vs 25.95), so the guide itself adds nothing there. So ``typed`` stays the default.
 
+Behind the fusion at its world-val prior (ρ = 30, reex-world-t2i-prior-val / -prior) the
+typed REST + EPCL batch at lr 1e-3 was the best world val row (28.04 vs replacement 27.60,
+the fusion alone 27.16; 500-query cells) but on the full-length test streams it fell below
+both (24.21 vs 25.51 and 25.03): it gains on the style and word types (casual +3.7) and
+drifts on the character types (char_insert −9.4) — the short-cell bias towards large steps
+that the engine's docstring describes.
+
 ``views``, ``fusion_weights`` and ``guide`` set away from their defaults without a fusing
 refine stage in front are refused (they would change nothing).
 
