@@ -34,7 +34,10 @@ typed REST + EPCL batch at lr 1e-3 was the best world val row (28.04 vs replacem
 the fusion alone 27.16; 500-query cells) but on the full-length test streams it fell below
 both (24.21 vs 25.51 and 25.03): it gains on the style and word types (casual +3.7) and
 drifts on the character types (char_insert −9.4) — the short-cell bias towards large steps
-that the engine's docstring describes.
+that the engine's docstring describes. With full-length val streams (5,000 queries per type,
+reex-world-t2i-prior-val-long) lr 1e-4 was the pick (25.69 vs replacement 25.62); on test it
+ties replacement (25.51 vs 25.505 — four queries of 80,000) and beats the fusion alone by
+0.49, its character mean still lower (27.0 vs 28.1).
 
 ``views``, ``fusion_weights`` and ``guide`` set away from their defaults without a fusing
 refine stage in front are refused (they would change nothing).
