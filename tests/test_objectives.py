@@ -444,3 +444,5 @@ def test_distill_is_kl_from_the_guide_and_pulls_towards_it(setup):
     assert float(gap) == pytest.approx(2 * want, rel=1e-3)
     plain.close()
     both.close()
+    with pytest.raises(InputError, match="epcl_weight and distill_weight must be >= 0, got 0.0, -1.0"):
+        create_adapter(enc, g, "t2i", "rest", distill_weight=-1.0)
