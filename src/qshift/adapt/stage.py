@@ -111,9 +111,10 @@ class AdaptStage(Stage):
         set away from their defaults without one, they would silently change nothing."""
         if any(s.fuses for s in before):
             return
-        for name, value, default in (("views", self.views, "frozen"), ("fusion_weights", self.fusion_weights, "frozen"),
-                                     ("guide", self.guide, "typed")):
-            if value != default:
+        defaults = inspect.signature(AdaptStage.__init__).parameters
+        for name in ("views", "fusion_weights", "guide"):
+            value = getattr(self, name)
+            if value != defaults[name].default:
                 raise InputError(f"adapt stage {self.name!r}: {name}: {value} acts only after a refine stage with "
                                  "mode: fuse, and this pipeline has none in front of it")
 
