@@ -33,6 +33,8 @@ def test_config_errors(tmp_path):
         BenchConfig.from_dict({**base, "corrupt_side": -1})
     with pytest.raises(InputError, match="missing required"):
         BenchConfig.from_dict({"name": "x"})
+    with pytest.raises(InputError, match="passes must be an integer >= 1, got 0"):
+        BenchConfig.from_dict({**base, "passes": 0})
     bad = tmp_path / "c.yaml"
     bad.write_text("name: [unclosed\n")
     with pytest.raises(InputError, match="cannot parse"):
@@ -232,3 +234,27 @@ def test_a_stream_cell_reports_clean_r1_after_the_stream(tmp_path, minilm):
     assert by[("zero-shot", "stream:mixed")]["clean_r1_after"] == pytest.approx(clean)
     assert "clean_r1_after" not in by[("zero-shot", "clean")]  # only a stream leaves a tower behind
     assert by[("tent hot", "stream:mixed")]["clean_r1_after"] != pytest.approx(clean)
+
+
+def test_passes_make_one_longer_stream_of_fresh_corruptions(tmp_path):
+    """``passes: 2`` runs the query set under corruption seeds 0 and 1000 as one stream of
+    twice the queries: zero-shot's R@1 is the mean of the two one-pass cells, and the grid
+    key changes so no one-pass cell is reused."""
+    from qshift.benchmark import Grid
+
+    base = dict(name="passes", encoder="openclip:qshift-tiny-vit", collection=COCO200, direction="t2t",
+                shifts=["char_swap"], severities=[5], max_queries=40, source="none", methods=["zero-shot"])
+    store = EmbeddingStore(tmp_path / "st")
+    one = {}
+    for seed in (0, 1000):
+        out = run_benchmark(BenchConfig(**base, seeds=[seed]), tmp_path / f"one{seed}", store, progress=False)
+        one[seed] = json.loads((out / "cells.jsonl").read_text().splitlines()[0])
+    texts = {s: json.loads((tmp_path / f"one{s}" / "shifts" / f"char_swap-s5-seed{s}.json").read_text())["queries"]
+             for s in (0, 1000)}
+    assert texts[0] != texts[1000]  # each pass is a fresh corruption of the same queries
+    out = run_benchmark(BenchConfig(**base, passes=2), tmp_path / "two", store, progress=False)
+    two = json.loads((out / "cells.jsonl").read_text().splitlines()[0])
+    assert two["queries"] == 80 and two["shift_info"]["passes"] == 2
+    assert two["metrics"]["R@1"] == pytest.approx((one[0]["metrics"]["R@1"] + one[1000]["metrics"]["R@1"]) / 2)
+    assert Grid(BenchConfig(**base, passes=2), tmp_path / "k2", store, progress=False).key != \
+        Grid(BenchConfig(**base), tmp_path / "k1", store, progress=False).key

@@ -51,6 +51,10 @@ class BenchConfig:
     max_queries: int | None = None
     query_items: str | None = None  # "START:STOP": only these items' captions query (the gallery stays whole)
     query_caption: int = 0
+    # per-shift cells: the query set corrupted under `passes` corruption seeds (seed + 1000·p),
+    # one continual pass over all of them — a small val split then gives an adaptation stream
+    # as long as the test's (reconstruction: items repeat with fresh noise). Streams: unchanged.
+    passes: int = 1
     # source anchors of adaptation (TCR/REST/EATA): texts disjoint from the test queries — a
     # spec of qshift.data.texts, "auto" (the world's train split for world collections, none
     # otherwise) or "none"; ``source_size`` of them, drawn with a fixed seed
@@ -82,6 +86,8 @@ class BenchConfig:
         if self.corrupt_side < 0:
             raise InputError(f"config: corrupt_side must be >= 0 (0: corrupt at the native size), "
                              f"got {self.corrupt_side}")
+        if not isinstance(self.passes, int) or self.passes < 1:
+            raise InputError(f"config: passes must be an integer >= 1, got {self.passes!r}")
         if not self.methods:
             raise InputError("config: methods is empty")
         labels = [method_label(m) for m in self.methods]
@@ -167,8 +173,11 @@ class Grid:
         self.encoder = create_encoder(cfg.encoder)
         # what every cell depends on; a cell's own method and parameters are checked per cell, so
         # adding a method to a grid runs only its cells
-        self.key = stable_hash({**asdict(cfg), "out": None, "methods": None, "encoder_fp": self.encoder.fingerprint(),
-                                "collection_key": coll.key()})[:16]
+        what = {**asdict(cfg), "out": None, "methods": None, "encoder_fp": self.encoder.fingerprint(),
+                "collection_key": coll.key()}
+        if cfg.passes == 1:  # the default leaves the key of every earlier grid as it was
+            del what["passes"]
+        self.key = stable_hash(what)[:16]
         self.coll = coll
         self._setup()
 
@@ -346,14 +355,15 @@ class Grid:
             order = np.arange(len(raw))  # the stream fixes the order
             encode = lambda: self._stream_embeddings(stream_items, seed)  # noqa: E731
         else:
-            raw, info = self.shifted(cell["shift"], cell["severity"], seed)
-            order = np.random.default_rng([seed, 7]).permutation(len(raw))
-            tag = f"{cell['shift']}-s{cell['severity']}-seed{seed}"
-            encode = (lambda: self.clean_queries) if cell["shift"] == CLEAN else \
-                (lambda: self.encode(raw, tag))  # noqa: E731
-        qrels = self.qrels if stream_items is None else \
-            Qrels.from_lists([self.qrels.indices[self.qrels.indptr[it.query]:self.qrels.indptr[it.query + 1]]
-                              for it in stream_items])
+            raw, info, order, encode = self._passes(cell["shift"], cell["severity"], seed)
+        if stream_items is not None:
+            qrels = Qrels.from_lists([self.qrels.indices[self.qrels.indptr[it.query]:self.qrels.indptr[it.query + 1]]
+                                      for it in stream_items])
+        elif cfg.passes > 1:
+            qrels = Qrels.from_lists([self.qrels.indices[self.qrels.indptr[i]:self.qrels.indptr[i + 1]]
+                                      for _ in range(cfg.passes) for i in range(len(self.qrels))])
+        else:
+            qrels = self.qrels
         from qshift.pipeline import Pipeline, PipelineContext
 
         ctx = PipelineContext(self.encoder, cfg.direction, gallery=self.gallery, batch_size=cfg.batch_size,
@@ -386,6 +396,28 @@ class Grid:
             result["per_shift_r1"] = per
             result["clean_r1_after"] = clean_after
         return result
+
+    def _passes(self, shift: str, severity: int, seed: int) -> tuple[list[Any], dict, np.ndarray, Any]:
+        """Raw queries, shift info, stream order and an embedding thunk of a per-shift cell:
+        ``passes`` copies of the query set (corruption seed ``seed + 1000·p`` for pass p), each
+        pass in its own seeded order, one after the other."""
+        raws, infos, orders, tags = [], [], [], []
+        for p in range(self.cfg.passes):
+            s = seed + 1000 * p
+            raw, info = self.shifted(shift, severity, s)
+            rng = np.random.default_rng([seed, 7] if p == 0 else [seed, 7, p])
+            orders.append(rng.permutation(len(raw)) + len(raw) * p)
+            raws.append(raw)
+            infos.append(info)
+            tags.append(f"{shift}-s{severity}-seed{s}")
+
+        def encode() -> np.ndarray:
+            if shift == CLEAN:
+                return np.concatenate([self.clean_queries] * len(raws))
+            return np.concatenate([self.encode(r, t) for r, t in zip(raws, tags)])
+
+        info = infos[0] if len(infos) == 1 else {"passes": len(infos), "per_pass": infos}
+        return [q for r in raws for q in r], info, np.concatenate(orders), encode
 
     def clean_r1_after(self, pipe: Any, chunk: int = 256) -> float:
         """R@1 of every clean query embedded by the query tower as the stream left it (the
