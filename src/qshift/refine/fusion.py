@@ -21,7 +21,11 @@ that prevents semantic drift. qshift's reading, every choice an option:
   ρ = 30 reaches 27.5 against 24.8 (ρ = 1) but plain replacement (28.0) stays best; on
   COCO dev ρ = 3 leads by one query per type (bench/results/tuning.md), so the default
   stays 1. On the world test (reex-world-t2i-prior) ρ = 30 gives 25.03 mean R@1 against
-  23.03 at ρ = 1 and 25.51 for replacement.
+  23.03 at ρ = 1 and 25.51 for replacement. On test-length COCO dev streams
+  (reex-coco-t2t-prior-val-long) ρ = 3 leads 50.59 vs 50.01; on COCO test
+  (reex-coco-t2t-prior) it lifts the severity-5 char mean 31.18 → 31.61 but its worst type
+  falls to −0.58 (back_translation, severity 3; ρ = 1: −0.4), past the 0.5 bound — so the
+  default stays 1 and ρ is a per-collection choice.
 * **Gate** (``gate``, reconstruction): ``none`` uses w as above; ``gain`` sets w = 0
   unless the repair is more confident than the original (c_r > c_o) — the repair must
   earn its place, which protects queries whose rare but correct words a corrector
