@@ -97,3 +97,11 @@ def test_matches_brute_force(data, n_q, n, k):
     # top-k ranks agree with full ranks wherever the first positive is inside the top k
     tk = ranks_from_topk(labels, qrels)
     assert np.array_equal(np.minimum(ranks, k), tk)
+
+
+def test_qrels_take_picks_rows_in_order_with_repeats():
+    q = Qrels.from_lists([[1, 3], [4], [0, 2, 5]])
+    t = q.take([2, 0, 2, 1])
+    assert [t.indices[t.indptr[i]:t.indptr[i + 1]].tolist() for i in range(len(t))] == \
+        [[0, 2, 5], [1, 3], [0, 2, 5], [4]]
+    assert len(q.take([])) == 0

@@ -29,7 +29,7 @@ from qshift.data.streams import CLEAN, mixed_stream, source_share_stream
 from qshift.errors import InputError
 from qshift.io import read_config_file, read_json, stable_hash, write_json, write_text
 from qshift.directions import DIRECTIONS, query_modality
-from qshift.metrics import Qrels, first_positive_rank, retrieval_metrics, top_k_and_ranks
+from qshift.metrics import first_positive_rank, retrieval_metrics, top_k_and_ranks
 from qshift.methods import method_label, method_stages
 from qshift.progress import progress_bar
 
@@ -211,8 +211,7 @@ class Grid:
             if items is not None and query_modality(cfg.direction) == "text" else set(map(str, self.raw_queries))
         self._raw_hash = stable_hash(self.raw_queries)  # part of every shifted set's key
         self.clean_queries = task.queries[keep]
-        rows = task.qrels.indptr
-        self.qrels = Qrels.from_lists([task.qrels.indices[rows[i]:rows[i + 1]] for i in keep])
+        self.qrels = task.qrels.take(keep)
         self.gallery = task.gallery
         self.source_texts, self.source_info = self._source()
 
@@ -356,14 +355,8 @@ class Grid:
             encode = lambda: self._stream_embeddings(stream_items, seed)  # noqa: E731
         else:
             raw, info, order, encode = self._passes(cell["shift"], cell["severity"], seed)
-        if stream_items is not None:
-            qrels = Qrels.from_lists([self.qrels.indices[self.qrels.indptr[it.query]:self.qrels.indptr[it.query + 1]]
-                                      for it in stream_items])
-        elif cfg.passes > 1:
-            qrels = Qrels.from_lists([self.qrels.indices[self.qrels.indptr[i]:self.qrels.indptr[i + 1]]
-                                      for _ in range(cfg.passes) for i in range(len(self.qrels))])
-        else:
-            qrels = self.qrels
+        qrels = self.qrels.take([it.query for it in stream_items] if stream_items is not None
+                                else np.tile(np.arange(len(self.qrels)), cfg.passes))
         from qshift.pipeline import Pipeline, PipelineContext
 
         ctx = PipelineContext(self.encoder, cfg.direction, gallery=self.gallery, batch_size=cfg.batch_size,

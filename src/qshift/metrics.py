@@ -53,6 +53,14 @@ class Qrels:
     def rows(self) -> np.ndarray:
         return np.repeat(np.arange(len(self)), self.counts)
 
+    def take(self, rows: Sequence[int] | np.ndarray) -> "Qrels":
+        """The qrels of ``rows``, in that order (a row may repeat)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        counts = self.counts[rows]
+        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        at = np.repeat(self.indptr[rows] - indptr[:-1], counts) + np.arange(indptr[-1])
+        return Qrels(indptr, self.indices[at])
+
     def __getitem__(self, sl: slice) -> "Qrels":
         start, stop, _ = sl.indices(len(self))
         lo, hi = self.indptr[start], self.indptr[stop]

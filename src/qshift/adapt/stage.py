@@ -38,6 +38,9 @@ that the engine's docstring describes. With full-length val streams (5,000 queri
 reex-world-t2i-prior-val-long) lr 1e-4 was the pick (25.69 vs replacement 25.62); on test it
 ties replacement (25.51 vs 25.505 — four queries of 80,000) and beats the fusion alone by
 0.49, its character mean still lower (27.0 vs 28.1).
+On COCO dev with test-length streams (``passes: 10``, reex-coco-t2t-prior-val-long) the
+guided pipeline behind the ρ-3 fusion stays below the fusion alone (50.49 at lr 1e-4, 50.39
+at 3e-4, vs 50.59), so on COCO adaptation behind the repair adds nothing measurable.
 
 ``views``, ``fusion_weights`` and ``guide`` set away from their defaults without a fusing
 refine stage in front are refused (they would change nothing).
