@@ -535,8 +535,7 @@ def bench_ta_anatomy(testbed: str, encoder: str | None, ta_epochs: int, seed: in
     enc, (q, t, tof, groups, _), task, desc = _testbed(testbed, encoder)
     path = RUNS / f"ta-anatomy-{TRAIN_SET.get(testbed, testbed)}{encoder_tag(testbed, encoder)}-ta{ta_epochs}" / (
         "ta.safetensors" if seed == 0 else f"ta-seed{seed}.safetensors")
-    if not path.is_file():
-        _train_ta_file(path, enc, q, t, tof, groups, ta_epochs, batch, seed)
+    _reuse_or_train_ta(path, enc, q, t, tof, groups, ta_epochs, batch, seed)
     w = load_ta(path).astype(np.float32)
     k_map, head = _headline(testbed)
     qs, gs = task.queries, task.gallery
